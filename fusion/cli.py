@@ -1,0 +1,99 @@
+"""The `fusion` command line."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fusion import __version__
+
+app = typer.Typer(
+    help="Knowledge fusion of large language models (FuseLLM) on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fusion {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Knowledge fusion of large language models (FuseLLM) on Ray."""
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's artefacts.")] = Path(
+        "fusion-demo"
+    ),
+    quick: Annotated[bool, typer.Option(help="Fewer spans: a smoke test in seconds.")] = False,
+) -> None:
+    """Run the embedded demo: tokenizers of two families aligned, transferred, fused and scored.
+
+    At this stage it exercises the alignment and fusion core on tiny untrained models; the
+    full fusion experiment (expert training, fused training, evaluation) comes later.
+    """
+    from fusion.demo import run_demo
+
+    summary = run_demo(out, quick=quick, echo=typer.echo)
+    width = max(map(len, asdict(summary)))
+    for name, value in asdict(summary).items():
+        typer.echo(f"  {name:<{width}}  {value}")
+    typer.echo(f"summary written to {out / 'summary.json'}")
+
+
+@app.command()
+def align(
+    source_tokenizer: Annotated[Path, typer.Argument(help="Local folder of the source tokenizer.")],
+    target_tokenizer: Annotated[Path, typer.Argument(help="Local folder of the target tokenizer.")],
+    text_file: Annotated[Path, typer.Argument(help="UTF-8 text file to tokenize and align.")],
+    method: Annotated[str, typer.Option(help="'dtw' (reference) or 'offsets' (clean).")] = "dtw",
+    show: Annotated[int, typer.Option(help="Print the first N target positions.")] = 20,
+) -> None:
+    """Align two tokenizations of a text and show which source tokens stand for each target."""
+    from fusion.align import detect_marker, dtw_align, offset_align
+    from fusion.models import load_tokenizer
+
+    if method not in ("dtw", "offsets"):
+        raise typer.BadParameter("must be 'dtw' or 'offsets'", param_hint="--method")
+    try:
+        text = text_file.read_text(encoding="utf-8")
+        source, target = load_tokenizer(source_tokenizer), load_tokenizer(target_tokenizer)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    if not text:
+        typer.echo(f"error: {text_file} is empty: nothing to align", err=True)
+        raise typer.Exit(2)
+    s_enc = source(text, add_special_tokens=False, return_offsets_mapping=True)
+    t_enc = target(text, add_special_tokens=False, return_offsets_mapping=True)
+    s_tokens = source.convert_ids_to_tokens(s_enc["input_ids"])
+    t_tokens = target.convert_ids_to_tokens(t_enc["input_ids"])
+    if method == "dtw":
+        result = dtw_align(
+            s_tokens,
+            t_tokens,
+            source_marker=detect_marker(source),
+            target_marker=detect_marker(target),
+        )
+    else:
+        result = offset_align(s_enc["offset_mapping"], t_enc["offset_mapping"], text)
+    one_to_one = sum(len(m) == 1 for m in result.target_to_source)
+    typer.echo(
+        f"{len(s_tokens)} source tokens, {len(t_tokens)} target tokens, cost {result.cost:g}, "
+        f"{one_to_one / len(t_tokens):.1%} of target positions have exactly one source token"
+    )
+    for j, matched in enumerate(result.target_to_source[:show]):
+        typer.echo(f"  {j:>5}  {t_tokens[j]!r:<20} <- {[s_tokens[i] for i in matched]}")

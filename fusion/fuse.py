@@ -1,0 +1,163 @@
+"""Fusing candidate teacher distributions: MinCE and AvgCE (reference §5).
+
+Candidates are ordered ``[target, source 0, source 1, ...]``; the target's own distribution
+is the first candidate when it takes part. ``reference`` mode reproduces the reference's bf16
+rewards (which create ties, broken by the first candidate) and its softmax over rewards;
+``clean`` mode uses float64 rewards and ``softmax(-ce)``. A ``ce`` of shape ``[C]`` chooses
+per sequence; ``[C, L]`` chooses per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from fusion.align.transfer import PAD_ID
+
+Precision = Literal["bf16", "fp64"]
+Mode = Literal["reference", "clean"]
+Method = Literal["min_ce", "avg_ce"]
+MIXED = -1  # ``choice`` value of a position fused from several candidates
+
+
+def _check_ce(ce: Sequence[float] | np.ndarray) -> np.ndarray:
+    values = np.asarray(ce, dtype=np.float64)
+    if values.ndim not in (1, 2) or values.shape[0] == 0:
+        raise ValueError(f"ce must have shape [candidates] or [candidates, L], got {values.shape}")
+    if np.isnan(values).any() or (values == -np.inf).any():
+        raise ValueError(f"ce holds NaN or -inf: {values.tolist()!r}")
+    return values
+
+
+def ce_rewards(ce: Sequence[float] | np.ndarray, *, precision: Precision = "bf16") -> np.ndarray:
+    """Rewards ``1 / exp(ce)``; in ``bf16`` each step is rounded as the reference's tensors are."""
+    values = _check_ce(ce)
+    if precision == "fp64":
+        return np.exp(-values)
+    if precision != "bf16":
+        raise ValueError(f"precision must be 'bf16' or 'fp64', got {precision!r}")
+    rounded = torch.tensor(values, dtype=torch.float64).to(torch.bfloat16)
+    return (1 / torch.exp(rounded)).to(torch.float64).numpy()
+
+
+def min_ce_choice(ce: Sequence[float], *, precision: Precision = "bf16") -> int:
+    """Index of the candidate with the highest reward; the first one on ties."""
+    rewards = ce_rewards(ce, precision=precision)
+    if rewards.ndim != 1:
+        raise ValueError("min_ce_choice takes one CE per candidate; use fuse_topk per token")
+    return int(np.argmax(rewards))
+
+
+def avg_ce_weights(ce: Sequence[float], *, mode: Mode = "reference") -> list[float]:
+    """Mixture weights: softmax over bf16 rewards (reference) or over ``-ce`` (clean)."""
+    if mode == "reference":
+        scores = ce_rewards(ce, precision="bf16")
+    elif mode == "clean":
+        scores = -_check_ce(ce)
+    else:
+        raise ValueError(f"mode must be 'reference' or 'clean', got {mode!r}")
+    return _softmax(scores, axis=0).tolist()
+
+
+def _softmax(scores: np.ndarray, axis: int) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=axis, keepdims=True))
+    return shifted / shifted.sum(axis=axis, keepdims=True)
+
+
+def topk_token_ce(
+    ids: np.ndarray, logits: np.ndarray, labels: Sequence[int] | np.ndarray
+) -> np.ndarray:
+    """Per position, ``-log p(label)`` under the renormalised top-k; inf where it lacks the label.
+
+    ``labels[t]`` is the token that follows position ``t`` (-1 where none does).
+    """
+    ids, logits, labels = np.asarray(ids), np.asarray(logits, np.float64), np.asarray(labels)
+    if ids.shape != logits.shape or ids.ndim != 2 or labels.shape != ids.shape[:1]:
+        raise ValueError(
+            f"ids {ids.shape}, logits {logits.shape} and labels {labels.shape} must be "
+            "[L, k], [L, k] and [L]"
+        )
+    present = logits > -np.inf
+    top = np.where(present.any(axis=1), logits.max(axis=1, initial=-np.inf), 0.0)
+    log_norm = np.log(np.where(present, np.exp(logits - top[:, None]), 0.0).sum(axis=1)) + top
+    hit = (ids == labels[:, None]) & present & (labels[:, None] >= 0)
+    label_logit = np.where(hit, logits, -np.inf).max(axis=1, initial=-np.inf)
+    return np.where(hit.any(axis=1), log_norm - label_logit, np.inf)
+
+
+@dataclass(frozen=True)
+class FusedTopK:
+    """The fused teacher: ``ids``/``logits`` ``[L, k]`` and, per position, which candidate."""
+
+    ids: np.ndarray
+    logits: np.ndarray
+    choice: np.ndarray
+
+
+def fuse_topk(
+    ids: np.ndarray,
+    logits: np.ndarray,
+    ce: Sequence[float] | np.ndarray,
+    *,
+    method: Method = "min_ce",
+    mode: Mode = "reference",
+) -> FusedTopK:
+    """Fuse candidates' top-k ``[C, L, k]`` into one ``[L, k]`` teacher.
+
+    MinCE copies the chosen candidate's entries (a candidate with nothing at a position is
+    passed over there). AvgCE mixes the renormalised distributions with :func:`avg_ce_weights`
+    and keeps the k most probable ids, as log-probabilities.
+    """
+    ids, logits = np.asarray(ids), np.asarray(logits, dtype=np.float64)
+    if ids.ndim != 3 or ids.shape != logits.shape:
+        raise ValueError(f"ids {ids.shape} and logits {logits.shape} must both be [C, L, k]")
+    candidates, length, k = ids.shape
+    values = _check_ce(ce)
+    if values.shape[0] != candidates or (values.ndim == 2 and values.shape[1] != length):
+        raise ValueError(
+            f"ce has shape {values.shape}; expected [{candidates}] or [{candidates}, {length}]"
+        )
+    per_token = np.broadcast_to(values.reshape(candidates, -1), (candidates, length))
+    present = (ids != PAD_ID).any(axis=2)  # [C, L]
+    if method == "min_ce":
+        rewards = ce_rewards(per_token, precision="bf16" if mode == "reference" else "fp64")
+        choice = np.argmax(np.where(present, rewards, -1.0), axis=0)
+        positions = np.arange(length)
+        return FusedTopK(ids[choice, positions], logits[choice, positions], choice.astype(np.int8))
+    if method != "avg_ce":
+        raise ValueError(f"method must be 'min_ce' or 'avg_ce', got {method!r}")
+    scores = ce_rewards(per_token) if mode == "reference" else -per_token
+    weights = np.where(
+        present, _softmax(np.where(np.isfinite(scores), scores, -1e300), axis=0), 0.0
+    )
+    weights /= np.maximum(weights.sum(axis=0, keepdims=True), np.finfo(np.float64).tiny)
+    probs = _softmax(np.where(ids != PAD_ID, logits, -np.inf), axis=2)
+    probs = np.nan_to_num(probs) * weights[:, :, None]
+    fused_ids, fused_logits = _top_k_of_mixture(ids, probs, k)
+    return FusedTopK(fused_ids, fused_logits, np.full(length, MIXED, dtype=np.int8))
+
+
+def _top_k_of_mixture(ids: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum probabilities of equal ids per position and keep the k largest (ties: lower id)."""
+    length = ids.shape[1]
+    flat_ids = ids.transpose(1, 0, 2).reshape(length, -1)
+    flat_probs = probs.transpose(1, 0, 2).reshape(length, -1)
+    rows = np.repeat(np.arange(length), flat_ids.shape[1])
+    keep = (flat_ids.ravel() != PAD_ID) & (flat_probs.ravel() > 0)
+    keys, inverse = np.unique(
+        np.stack([rows[keep], flat_ids.ravel()[keep]]), axis=1, return_inverse=True
+    )
+    summed = np.bincount(inverse.ravel(), weights=flat_probs.ravel()[keep], minlength=keys.shape[1])
+    order = np.lexsort((keys[1], -summed, keys[0]))
+    key_rows, key_ids, summed = keys[0][order], keys[1][order], summed[order]
+    rank = np.arange(len(order)) - np.searchsorted(key_rows, key_rows, side="left")
+    take = rank < k
+    out_ids = np.full((length, k), PAD_ID, dtype=np.int32)
+    out_logits = np.full((length, k), -np.inf, dtype=np.float64)
+    out_ids[key_rows[take], rank[take]] = key_ids[take]
+    out_logits[key_rows[take], rank[take]] = np.log(summed[take])
+    return out_ids, out_logits

@@ -1,0 +1,177 @@
+"""The training objective ``λ·L_CLM + (1−λ)·L_fusion`` without dense teacher tensors (§7).
+
+The fusion cross-entropy ``−Σ_t Σ_k q_tk · log_softmax(z_t)[id_tk]`` only needs the student's
+log-normaliser per position and its logits at the k teacher ids, so it is computed as a gather
+over k ids. The log-normaliser is a chunked custom autograd function that keeps no float32
+copy of the logits: memory beyond the logits (and their gradient) is O(B·L·k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+TeacherPrecision = Literal["fp32", "bf16"]
+_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the log-normaliser (64 MiB in float32)
+
+
+class _LogSumExp(torch.autograd.Function):
+    """``logsumexp(z, -1)`` in float32 (or wider), chunked over rows; softmax is recomputed in
+    backward instead of being stored."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        rows = logits.reshape(-1, logits.shape[-1])
+        step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
+        acc = accumulation_dtype(logits)
+        out = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
+        for start in range(0, rows.shape[0], step):
+            out[start : start + step] = torch.logsumexp(rows[start : start + step].to(acc), -1)
+        ctx.save_for_backward(logits, out)
+        return out.reshape(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        logits, lse = ctx.saved_tensors
+        rows = logits.reshape(-1, logits.shape[-1])
+        grad_rows = grad.reshape(-1)
+        out = torch.empty_like(rows)
+        step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            chunk = slice(start, start + step)
+            softmax = torch.exp(rows[chunk].to(lse.dtype) - lse[chunk, None])
+            out[chunk] = (softmax * grad_rows[chunk, None]).to(out.dtype)
+        return out.reshape(logits.shape)
+
+
+def accumulation_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision logits, else the logits' own (wider) dtype."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def log_normaliser(logits: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the vocabulary in :func:`accumulation_dtype`, shape ``[..., ]``."""
+    return _LogSumExp.apply(logits)
+
+
+def _check_teacher(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logits: torch.Tensor,
+    mask: torch.Tensor,
+) -> None:
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [B, L, V], got {tuple(student_logits.shape)}")
+    batch, length, vocab = student_logits.shape
+    if topk_ids.dim() != 3 or topk_ids.shape[:2] != (batch, length):
+        raise ValueError(
+            f"topk_ids has shape {tuple(topk_ids.shape)}; expected [{batch}, {length}, k]"
+        )
+    if topk_logits.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_logits has shape {tuple(topk_logits.shape)} but topk_ids "
+            f"{tuple(topk_ids.shape)}: they must match"
+        )
+    if mask.shape != (batch, length):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected [{batch}, {length}]")
+    if torch.isnan(topk_logits).any() or (topk_logits == float("inf")).any():
+        raise ValueError("topk_logits holds NaN or +inf: the teacher data is corrupt")
+    present = topk_logits > float("-inf")
+    if ((topk_ids >= vocab) | ((topk_ids < 0) & present)).any():
+        raise ValueError(
+            f"topk_ids holds an id outside the student's vocabulary [0, {vocab}) at a kept "
+            "entry: the teacher data was built for another tokenizer"
+        )
+
+
+def sparse_fusion_loss(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    teacher_precision: TeacherPrecision = "fp32",
+    lse: torch.Tensor | None = None,
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """Masked mean over positions of ``CE(softmax(teacher top-k), softmax(student))``.
+
+    Teacher and student position ``t`` both predict token ``t+1`` (no shift). Entries with
+    logit ``-inf`` are absent; positions with no entry at all are left out of the mean.
+    ``teacher_precision="bf16"`` rounds the teacher probabilities to bf16 as the reference's
+    dense target does. ``lse`` may pass in :func:`log_normaliser` of the student logits.
+    ``check_inputs`` validates shapes, ids and NaN (one device sync).
+    """
+    if check_inputs:
+        _check_teacher(student_logits, topk_ids, topk_logits, mask)
+    present = topk_logits > float("-inf")
+    has_teacher = present.any(-1)
+    acc = accumulation_dtype(student_logits)
+    teacher = torch.softmax(topk_logits.to(acc).masked_fill(~has_teacher[..., None], 0.0), -1)
+    teacher = teacher.masked_fill(~present, 0.0)
+    if teacher_precision == "bf16":
+        teacher = teacher.to(torch.bfloat16).to(acc)
+    if lse is None:
+        lse = log_normaliser(student_logits)
+    picked = student_logits.gather(-1, topk_ids.long().clamp_min(0)).to(acc)
+    per_position = -(teacher * (picked - lse[..., None])).sum(-1)
+    weight = mask.to(acc) * has_teacher.to(acc)
+    return (per_position * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def clm_loss(
+    student_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Ordinary next-token cross-entropy (position t predicts ``input_ids[t+1]``), masked mean."""
+    if lse is None:
+        lse = log_normaliser(student_logits)
+    labels = input_ids[:, 1:].long()
+    picked = student_logits[:, :-1].gather(-1, labels[..., None]).squeeze(-1).to(lse.dtype)
+    weight = (
+        torch.ones_like(picked) if attention_mask is None else attention_mask[:, 1:].to(lse.dtype)
+    )
+    return ((lse[:, :-1] - picked) * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+@dataclass(frozen=True)
+class LossParts:
+    """The combined loss and its two pieces (for logging)."""
+
+    total: torch.Tensor
+    clm: torch.Tensor
+    fusion: torch.Tensor
+
+
+def fusion_objective(
+    student_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logits: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    *,
+    lam: float = 0.9,
+    teacher_precision: TeacherPrecision = "fp32",
+    check_inputs: bool = True,
+) -> LossParts:
+    """``λ·L_CLM + (1−λ)·L_fusion`` sharing one log-normaliser between the two pieces."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam (λ) must lie in [0, 1], got {lam}")
+    lse = log_normaliser(student_logits)
+    clm = clm_loss(student_logits, input_ids, attention_mask, lse=lse)
+    fusion = sparse_fusion_loss(
+        student_logits,
+        topk_ids,
+        topk_logits,
+        teacher_mask * attention_mask,
+        teacher_precision=teacher_precision,
+        lse=lse,
+        check_inputs=check_inputs,
+    )
+    return LossParts(total=lam * clm + (1 - lam) * fusion, clm=clm, fusion=fusion)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create or reuse the project's virtual environment in .venv.
+# Torch is installed first (FUSION_TORCH, default torch==2.13.0) so that a CPU machine never
+# pulls a multi-GB CUDA build through a bare `torch` requirement; then the project with its
+# dev extras; then the two packages whose files the benchmarks and tests use as real
+# tokenizers (installed without their dependencies: only their data files are read).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="${FUSION_VENV:-$root/.venv}"
+torch_spec="${FUSION_TORCH:-torch==2.13.0}"
+tokenizer_data="mistral-common==1.13.1 openai-whisper==20250625"
+python="${PYTHON:-python3}"
+
+stamp_of() { cat "$root/pyproject.toml" "$root/scripts/bootstrap.sh" | sha256sum | cut -c1-16; echo "$torch_spec"; }
+want=$(stamp_of)
+if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.fusion-stamp" 2>/dev/null)" = "$want" ]; then
+  exit 0
+fi
+echo "bootstrap: preparing $venv (torch: $torch_spec)" >&2
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install $torch_spec
+"${pip[@]}" install -e "$root[dev]"
+"${pip[@]}" install --no-deps $tokenizer_data
+echo "$want" > "$venv/.fusion-stamp"
