@@ -135,8 +135,10 @@ def fuse_topk(
         present, _softmax(np.where(np.isfinite(scores), scores, -1e300), axis=0), 0.0
     )
     weights /= np.maximum(weights.sum(axis=0, keepdims=True), np.finfo(np.float64).tiny)
-    probs = _softmax(np.where(ids != PAD_ID, logits, -np.inf), axis=2)
-    probs = np.nan_to_num(probs) * weights[:, :, None]
+    kept = (ids != PAD_ID) & (logits > -np.inf)
+    row_kept = kept.any(axis=2, keepdims=True)
+    probs = _softmax(np.where(kept, logits, np.where(row_kept, -np.inf, 0.0)), axis=2) * kept
+    probs *= weights[:, :, None]
     fused_ids, fused_logits = _top_k_of_mixture(ids, probs, k)
     return FusedTopK(fused_ids, fused_logits, np.full(length, MIXED, dtype=np.int8))
 

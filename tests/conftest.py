@@ -1,0 +1,40 @@
+"""Shared fixtures: the golden vectors and small tokenizers trained once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fusion.toy import train_tokenizer
+
+SHARED = Path(os.environ.get("FUSION_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+GOLDEN = SHARED / "golden" / "fusellm_public.json"
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    if not GOLDEN.is_file():
+        pytest.fail(
+            f"golden vectors not found at {GOLDEN}; set FUSION_SHARED to the shared/ folder"
+        )
+    return json.loads(GOLDEN.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def training_texts() -> list[str]:
+    import pydoc_data.topics
+
+    return list(pydoc_data.topics.topics.values())[:120]
+
+
+@pytest.fixture(scope="session")
+def byte_level_tokenizer(training_texts):
+    return train_tokenizer(training_texts, "byte_level", 600)
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer(training_texts):
+    return train_tokenizer(training_texts, "metaspace", 700)

@@ -1,0 +1,114 @@
+"""The sparse fusion loss equals the dense-target computation, in value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusion.loss import clm_loss, fusion_objective, log_normaliser, sparse_fusion_loss
+from fusion.toy import tiny_causal_lm
+
+
+def _teacher(batch=2, length=5, vocab=11, k=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.stack(
+        [torch.randperm(vocab, generator=generator)[:k] for _ in range(batch * length)]
+    )
+    ids = ids.reshape(batch, length, k)
+    logits = torch.randn(batch, length, k, generator=generator, dtype=torch.float64)
+    logits[0, 1, 2:] = float("-inf")  # a position with only two kept entries
+    logits[1, 3, :] = float("-inf")  # a position with no teacher at all
+    ids[0, 1, 2:] = -1
+    student = torch.randn(batch, length, vocab, generator=generator, dtype=torch.float64)
+    mask = torch.ones(batch, length)
+    mask[1, 0] = 0
+    return student, ids, logits, mask
+
+
+def _dense_loss(student, ids, logits, mask):
+    """The reference's computation: a dense [B, L, V] target per distribution."""
+    dense = torch.zeros_like(student)
+    present = logits > float("-inf")
+    probs = torch.softmax(logits.masked_fill(~present.any(-1, keepdim=True), 0.0), -1) * present
+    dense.scatter_add_(-1, ids.clamp_min(0), probs)
+    per_position = -(dense * torch.log_softmax(student, -1)).sum(-1)
+    weight = mask * present.any(-1)
+    return (per_position * weight).sum() / weight.sum()
+
+
+def test_sparse_loss_equals_dense_loss_and_gradient():
+    student, ids, logits, mask = _teacher()
+    sparse_student = student.clone().requires_grad_(True)
+    dense_student = student.clone().requires_grad_(True)
+    sparse = sparse_fusion_loss(sparse_student, ids, logits, mask)
+    dense = _dense_loss(dense_student, ids, logits, mask)
+    sparse.backward()
+    dense.backward()
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-12)
+    assert torch.allclose(sparse_student.grad, dense_student.grad, atol=1e-12)
+
+
+def test_log_normaliser_passes_gradcheck():
+    logits = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(log_normaliser, (logits,))
+
+
+def test_bf16_student_logits_give_the_float32_loss():
+    student, ids, logits, mask = _teacher()
+    half = student.to(torch.bfloat16)
+    loss = sparse_fusion_loss(half, ids, logits.float(), mask)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(
+        _dense_loss(half.double(), ids, logits, mask).item(), rel=1e-5
+    )
+
+
+def test_clm_loss_equals_the_models_own_loss():
+    model = tiny_causal_lm("llama", 50, seed=3)
+    input_ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+    output = model(input_ids, labels=input_ids)
+    assert clm_loss(output.logits, input_ids).item() == pytest.approx(output.loss.item(), rel=1e-5)
+
+
+def test_objective_mixes_clm_and_fusion_with_lambda():
+    student, ids, logits, mask = _teacher()
+    input_ids = torch.randint(0, student.shape[-1], student.shape[:2])
+    parts = fusion_objective(student, input_ids, torch.ones_like(mask), ids, logits, mask, lam=0.9)
+    assert parts.total.item() == pytest.approx(0.9 * parts.clm.item() + 0.1 * parts.fusion.item())
+    only_clm = fusion_objective(
+        student, input_ids, torch.ones_like(mask), ids, logits, mask, lam=1.0
+    )
+    assert only_clm.total.item() == pytest.approx(parts.clm.item())
+
+
+def test_lambda_outside_unit_interval_is_rejected():
+    student, ids, logits, mask = _teacher()
+    with pytest.raises(ValueError, match=r"λ\) must lie in \[0, 1\]"):
+        fusion_objective(student, ids[..., 0], mask, ids, logits, mask, lam=1.5)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (
+            lambda s, i, lg, m: (
+                s,
+                i,
+                lg.masked_fill(
+                    torch.zeros_like(lg, dtype=torch.bool).index_fill(0, torch.tensor([0]), True),
+                    float("nan"),
+                ),
+                m,
+            ),
+            "NaN",
+        ),
+        (lambda s, i, lg, m: (s, i.clamp_max(0) + 99, lg, m), "outside the student's vocabulary"),
+        (lambda s, i, lg, m: (s, i[:, :3], lg, m), "topk_ids has shape"),
+        (lambda s, i, lg, m: (s, i, lg[..., :2], m), "topk_logits has shape"),
+        (lambda s, i, lg, m: (s, i, lg, m[:, :2]), "mask has shape"),
+        (lambda s, i, lg, m: (s[0], i, lg, m), r"student_logits must be \[B, L, V\]"),
+    ],
+)
+def test_bad_teacher_data_raises_value_error(corrupt, message):
+    with pytest.raises(ValueError, match=message):
+        sparse_fusion_loss(*corrupt(*_teacher()))

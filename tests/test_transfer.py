@@ -1,0 +1,169 @@
+"""Vectorised top-k transfer equals the position-by-position reference semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusion.align import (
+    PAD_ID,
+    VocabBridge,
+    dtw_align,
+    mined_vocab_map,
+    offset_align,
+    transfer_topk,
+)
+from fusion.align.slow import transfer_topk_slow
+from tests.strategies import vocab
+
+
+@st.composite
+def transfer_case(draw):
+    source_vocab = draw(vocab(min_size=2, max_size=12))
+    target_vocab = draw(vocab(min_size=2, max_size=12))
+    n = draw(st.integers(1, 8))
+    m = draw(st.integers(1, 8))
+    k = draw(st.integers(1, 4))
+    source_ids = draw(st.lists(st.integers(0, len(source_vocab) - 1), min_size=n, max_size=n))
+    target_ids = draw(st.lists(st.integers(0, len(target_vocab) - 1), min_size=m, max_size=m))
+    topk_ids = draw(
+        st.lists(
+            st.lists(st.integers(0, len(source_vocab) - 1), min_size=k, max_size=k),
+            min_size=n,
+            max_size=n,
+        )
+    )
+    logits = sorted(draw(st.lists(st.floats(-5, 5), min_size=k, max_size=k)), reverse=True)
+    return source_vocab, target_vocab, source_ids, target_ids, topk_ids, [logits] * n
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    case=transfer_case(),
+    mode=st.sampled_from(["soft", "hard"]),
+    fallback=st.sampled_from(["current", "next"]),
+    markers=st.sampled_from([("Ġ", "▁"), ("", "▁"), ("Ġ", "Ġ")]),
+    check_tokens=st.booleans(),
+)
+def test_transfer_equals_slow_reference(case, mode, fallback, markers, check_tokens):
+    source_vocab, target_vocab, source_ids, target_ids, topk_ids, topk_logits = case
+    source_marker, target_marker = markers
+    alignment = dtw_align(
+        [source_vocab[i] for i in source_ids],
+        [target_vocab[i] for i in target_ids],
+        source_marker=source_marker,
+        target_marker=target_marker,
+    )
+    mapping = mined_vocab_map(
+        source_vocab, target_vocab, source_marker=source_marker, target_marker=target_marker
+    )
+    kwargs = dict(
+        target_vocab=target_vocab,
+        source_vocab=source_vocab,
+        mapping=mapping,
+        mode=mode,
+        source_marker=source_marker,
+        target_marker=target_marker,
+        fallback=fallback,
+        alignment=alignment,
+        check_tokens=check_tokens,
+    )
+    fast = transfer_topk(target_ids, source_ids, topk_ids, topk_logits, **kwargs)
+    assert fast == transfer_topk_slow(target_ids, source_ids, topk_ids, topk_logits, **kwargs)
+
+
+def _golden_bridge(golden, **kwargs):
+    vocab = golden["vocab"]
+    return VocabBridge.build(vocab["source_vocab"], vocab["target_vocab"], **kwargs)
+
+
+def test_next_fallback_puts_the_one_hot_on_the_following_token(golden):
+    case = golden["transfer"]["B"]
+    bridge = _golden_bridge(golden)
+    alignment = dtw_align(["Hello", "ĠWorld"], ["▁Hello", "▁world"])
+    ids, logits = bridge.transfer(
+        case["target_ids"],
+        case["source_ids"],
+        case["source_topk_ids"],
+        case["source_topk_logits"],
+        alignment,
+        mode="hard",
+        fallback="next",
+    )
+    assert ids[1].tolist() == [PAD_ID] * 3  # last position: no next token, no teacher
+    assert np.isneginf(logits[1]).all()
+
+
+def test_offset_alignment_without_token_check_transfers_every_paired_position(golden):
+    case = golden["transfer"]["B"]
+    text = "Hello World"
+    alignment = offset_align([(0, 5), (5, 11)], [(0, 5), (5, 11)], text)
+    ids, _ = _golden_bridge(golden).transfer(
+        case["target_ids"],
+        case["source_ids"],
+        case["source_topk_ids"],
+        case["source_topk_logits"],
+        alignment,
+        check_tokens=False,
+    )
+    assert ids.tolist() == [[4, 8, PAD_ID], [5, 9, 0]]
+
+
+def test_duplicate_mapped_ids_keep_the_first_highest_logit(golden):
+    bridge = _golden_bridge(golden)
+    # ĠWorld and Ġworld both map to ▁world: only the first entry (logit 5) survives.
+    ids, logits = bridge.transfer(
+        [4], [2], [[6, 2, 4]], [[5.0, 3.0, 1.0]], dtw_align(["Ġworld"], ["▁world"])
+    )
+    assert ids.tolist() == [[4, 8, PAD_ID]]
+    assert logits[0, :2].tolist() == [5.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"target_ids": [3, 99]}, r"target_ids\[1\] = 99 is outside the vocabulary"),
+        ({"source_topk_ids": [[2, 6, 40], [3, 5, 0]]}, r"source_topk_ids\[0, 2\] = 40"),
+        ({"source_topk_logits": [[5.0, float("nan"), 1.0], [4.0, 2.0, 0.5]]}, r"\[0\]\[1\] is nan"),
+        ({"source_topk_logits": [[5.0, 3.0], [4.0, 2.0]]}, "shape"),
+        ({"source_ids": [1]}, r"expected \[len\(source_ids\)=1, k\]"),
+        ({"target_ids": [3, 4, 5]}, "alignment covers 2 target positions"),
+        ({"mode": "fuzzy"}, "mode must be"),
+        ({"fallback": "previous"}, "fallback must be"),
+    ],
+)
+def test_bad_transfer_input_raises_value_error(golden, change, message):
+    case = golden["transfer"]["B"]
+    arguments = {
+        "target_ids": case["target_ids"],
+        "source_ids": case["source_ids"],
+        "source_topk_ids": case["source_topk_ids"],
+        "source_topk_logits": case["source_topk_logits"],
+        "mode": "soft",
+        "fallback": "current",
+    } | change
+    alignment = dtw_align(["Hello", "ĠWorld"], ["▁Hello", "▁world"])
+    with pytest.raises(ValueError, match=message):
+        _golden_bridge(golden).transfer(
+            arguments.pop("target_ids"),
+            arguments.pop("source_ids"),
+            arguments.pop("source_topk_ids"),
+            arguments.pop("source_topk_logits"),
+            alignment,
+            **arguments,
+        )
+
+
+def test_alignment_pointing_past_the_source_is_rejected(golden):
+    from fusion.align import Alignment
+
+    broken = Alignment(cost=0.0, target_to_source=[[0], [5]], source_to_target=[[0], []])
+    with pytest.raises(ValueError, match="source position 5"):
+        _golden_bridge(golden).transfer([3, 4], [1, 6], [[1], [2]], [[1.0], [1.0]], broken)
+
+
+def test_mapping_to_a_token_outside_the_target_vocab_is_rejected(golden):
+    with pytest.raises(ValueError, match=r"mapping\['Hello'\] = 'Hola'"):
+        _golden_bridge(golden, mapping={"Hello": "Hola"})

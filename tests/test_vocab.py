@@ -1,0 +1,64 @@
+"""Batched MinED maps equal the token-by-token search, ties and long distances included."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from rapidfuzz.distance import Levenshtein
+
+from fusion.align import exact_vocab_map, mined_vocab_map
+from fusion.align.slow import levenshtein, mined_vocab_map_slow
+from fusion.align.vocab import nearest_tokens
+from fusion.models import vocab_list
+from tests.strategies import markers, token, vocab
+
+
+@settings(max_examples=200, deadline=None)
+@given(source=vocab(), target=vocab(), marks=markers)
+def test_mined_map_equals_slow_map(source, target, marks):
+    kwargs = {"source_marker": marks[0], "target_marker": marks[1]}
+    assert mined_vocab_map(source, target, **kwargs) == mined_vocab_map_slow(
+        source, target, **kwargs
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(source=vocab(max_len=24), target=vocab(max_size=8, max_len=3))
+def test_nearest_token_is_exact_beyond_every_distance_cutoff(source, target):
+    assert mined_vocab_map(source, target) == mined_vocab_map_slow(source, target)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=token, b=token)
+def test_pure_python_levenshtein_equals_rapidfuzz(a, b):
+    assert levenshtein(a, b) == Levenshtein.distance(a, b)
+
+
+def test_nearest_ties_go_to_the_first_target_in_id_order():
+    assert nearest_tokens(["ab"], ["xb", "ay", "ab!"]).tolist() == [0]
+
+
+def test_map_between_two_trained_tokenizers_equals_slow(byte_level_tokenizer, metaspace_tokenizer):
+    source, target = vocab_list(byte_level_tokenizer), vocab_list(metaspace_tokenizer)
+    fast = mined_vocab_map(source, target)
+    assert fast == mined_vocab_map_slow(source, target, distance=Levenshtein.distance)
+    assert set(fast) == {s.replace("Ġ", "▁") for s in source}
+
+
+def test_exact_map_keeps_only_identical_spellings(golden):
+    vocab_ = golden["vocab"]
+    exact = exact_vocab_map(vocab_["source_vocab"], vocab_["target_vocab"])
+    assert exact == {k: v for k, v in vocab_["mined_map"].items() if k == v}
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ([], "target_vocab must be a non-empty"),
+        (["a", "b", "a"], "lists 'a' twice"),
+        (["a", 1], r"\[1\] is int"),
+    ],
+)
+def test_bad_vocabularies_raise_value_error(target, message):
+    with pytest.raises(ValueError, match=message):
+        mined_vocab_map(["a"], target)
