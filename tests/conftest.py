@@ -7,8 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fusion.toy import train_tokenizer
+
+# Property tests draw the same examples on every run: a failure here is a failure everywhere.
+settings.register_profile("deterministic", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile("deterministic")
 
 SHARED = Path(os.environ.get("FUSION_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 GOLDEN = SHARED / "golden" / "fusellm_public.json"

@@ -167,3 +167,13 @@ def test_alignment_pointing_past_the_source_is_rejected(golden):
 def test_mapping_to_a_token_outside_the_target_vocab_is_rejected(golden):
     with pytest.raises(ValueError, match=r"mapping\['Hello'\] = 'Hola'"):
         _golden_bridge(golden, mapping={"Hello": "Hola"})
+
+
+@pytest.mark.parametrize("empty", ["target_ids", "source_ids"])
+def test_empty_sequences_are_rejected(golden, empty):
+    arguments = {"target_ids": [3], "source_ids": [1]} | {empty: []}
+    alignment = dtw_align(["Hello"], ["▁Hello"])
+    with pytest.raises(ValueError, match="non-empty"):
+        _golden_bridge(golden).transfer(
+            arguments["target_ids"], arguments["source_ids"], [[1]], [[1.0]], alignment
+        )

