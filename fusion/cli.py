@@ -18,6 +18,12 @@ app = typer.Typer(
 )
 
 
+def _fail(error: Exception | str) -> typer.Exit:
+    """Print a user error (no traceback) and return the exit to raise."""
+    typer.echo(f"error: {error}", err=True)
+    return typer.Exit(2)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"fusion {__version__}")
@@ -72,11 +78,9 @@ def align(
         text = text_file.read_text(encoding="utf-8")
         source, target = load_tokenizer(source_tokenizer), load_tokenizer(target_tokenizer)
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from error
+        raise _fail(error) from None
     if not text:
-        typer.echo(f"error: {text_file} is empty: nothing to align", err=True)
-        raise typer.Exit(2)
+        raise _fail(f"{text_file} is empty: nothing to align")
     s_enc = source(text, add_special_tokens=False, return_offsets_mapping=True)
     t_enc = target(text, add_special_tokens=False, return_offsets_mapping=True)
     s_tokens = source.convert_ids_to_tokens(s_enc["input_ids"])
@@ -97,3 +101,26 @@ def align(
     )
     for j, matched in enumerate(result.target_to_source[:show]):
         typer.echo(f"  {j:>5}  {t_tokens[j]!r:<20} <- {[s_tokens[i] for i in matched]}")
+
+
+@app.command()
+def validate(
+    config_file: Annotated[Path, typer.Argument(help="YAML run configuration.")],
+) -> None:
+    """Check a run configuration and its model folders; explain every problem by field."""
+    from fusion.config import ConfigError, load_config
+    from fusion.models import ModelFolderError, check_model_folder
+
+    try:
+        config = load_config(config_file)
+        check_model_folder(config.target, "target")
+        for index, source in enumerate(config.sources):
+            check_model_folder(source, f"sources.{index}")
+    except (ConfigError, ModelFolderError) as error:
+        raise _fail(error) from None
+    names = ", ".join(s.name for s in config.sources)
+    typer.echo(
+        f"{config_file}: valid — target {config.target.path}, {len(config.sources)} source(s) "
+        f"({names}), align {config.align.method}/{config.align.vocab_map}/{config.align.mode}, "
+        f"fuse {config.fuse.method} per {config.fuse.granularity}"
+    )

@@ -1,27 +1,128 @@
-"""Loading tokenizers from local HF folders, with errors that name the culprit."""
+"""Loading models and tokenizers from local HF folders, with errors that name the culprit.
+
+Safe defaults: safetensors only unless pickle is allowed, no remote code unless allowed, and
+never a hub download (a hub id gets an immediate error instead of a retry loop).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from fusion.config import ModelConfig
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load the tokenizer saved in a local folder; never reaches for a hub."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"tokenizer folder {str(folder)!r} does not exist (a local folder is required; "
-            "hub ids are not fetched)"
+class ModelFolderError(ValueError):
+    """A model or tokenizer folder that cannot be used as configured."""
+
+
+def _folder(path: str | Path, what: str) -> Path:
+    text = str(path)
+    folder = Path(text)
+    if "://" in text:
+        raise ModelFolderError(
+            f"{what} {text!r} is a URI; models are loaded from local folders — copy it to "
+            "local disk (or shared storage mounted on every node) first"
         )
+    if not folder.is_dir():
+        hint = (
+            " It looks like a hub id: fusion never downloads; save the model locally with "
+            "save_pretrained and point to that folder."
+            if text.count("/") == 1 and not text.startswith((".", "/"))
+            else ""
+        )
+        raise ModelFolderError(f"{what} {text!r} does not exist or is not a folder.{hint}")
+    return folder
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the tokenizer saved in a local folder; never reaches for a hub."""
+    folder = _folder(path, "tokenizer folder")
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(
+        raise ModelFolderError(
             f"{str(folder)!r} holds no tokenizer: expected one of {', '.join(_TOKENIZER_FILES)}"
         )
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return AutoTokenizer.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+
+
+def check_model_folder(model: ModelConfig, field: str) -> None:
+    """Check, before any actor starts, that a configured model folder can be loaded safely."""
+    folder = _folder(model.path, f"{field}.path")
+    config_file = folder / "config.json"
+    if model.gguf_file is None and not config_file.is_file():
+        raise ModelFolderError(
+            f"{field}.path {str(folder)!r} has no config.json: not a HF model folder"
+        )
+    if model.gguf_file is not None:
+        if not (folder / model.gguf_file).is_file():
+            raise ModelFolderError(
+                f"{field}.gguf_file {model.gguf_file!r} is not in {str(folder)!r}"
+            )
+    else:
+        files = [p.name for p in folder.iterdir()]
+        safetensors = [f for f in files if f.endswith(".safetensors")]
+        pickled = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+        if not safetensors and not pickled:
+            raise ModelFolderError(
+                f"{field}.path {str(folder)!r} holds no weights (*.safetensors or, with "
+                "allow_pickle, *.bin)"
+            )
+        if not safetensors and not model.allow_pickle:
+            raise ModelFolderError(
+                f"{field}.path {str(folder)!r} has only pickle weights ({', '.join(pickled)}); "
+                f"pickle can run code when loaded. Convert them to safetensors, or set "
+                f"{field}.allow_pickle: true if you trust their origin"
+            )
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.get("auto_map") and not model.trust_remote_code:
+            raise ModelFolderError(
+                f"{field}.path {str(folder)!r} needs its own code (config.json has auto_map); "
+                f"set {field}.trust_remote_code: true only if you trust that code"
+            )
+    tokenizer = load_tokenizer(folder, trust_remote_code=model.trust_remote_code)
+    if not tokenizer.is_fast:
+        raise ModelFolderError(
+            f"{field}.path {str(folder)!r}: its tokenizer ({type(tokenizer).__name__}) is a slow "
+            "tokenizer without character offsets; save a fast tokenizer (tokenizer.json)"
+        )
+
+
+def load_causal_lm(model: ModelConfig, field: str, device: str):
+    """Load a configured causal LM for inference on ``device`` (after check_model_folder)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_model_folder(model, field)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        model.path,
+        dtype=getattr(torch, model.dtype),
+        local_files_only=True,
+        use_safetensors=None if model.allow_pickle or model.gguf_file else True,
+        trust_remote_code=model.trust_remote_code,
+        gguf_file=model.gguf_file,
+    )
+    return loaded.to(device).eval()
+
+
+def resolve_device(model: ModelConfig, num_gpus: float) -> str:
+    """'cuda' when asked for, or when 'auto' and the actor holds a GPU; else 'cpu'."""
+    import torch
+
+    if model.device == "cuda" or (model.device == "auto" and num_gpus > 0):
+        if not torch.cuda.is_available():
+            raise ModelFolderError(
+                f"{model.path!r} is configured for a GPU but this worker sees none"
+            )
+        return "cuda"
+    return "cpu"
 
 
 def vocab_list(tokenizer: PreTrainedTokenizerBase) -> list[str]:

@@ -43,3 +43,19 @@ def byte_level_tokenizer(training_texts):
 @pytest.fixture(scope="session")
 def metaspace_tokenizer(training_texts):
     return train_tokenizer(training_texts, "metaspace", 700)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, byte_level_tokenizer, metaspace_tokenizer) -> dict:
+    """Two tiny local HF model folders: a Llama target (▁) and a GPT-2 source (Ġ)."""
+    from fusion.toy import save_model_dir, tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "target": save_model_dir(
+            root / "target", tiny_causal_lm("llama", len(metaspace_tokenizer)), metaspace_tokenizer
+        ),
+        "gpt2": save_model_dir(
+            root / "gpt2", tiny_causal_lm("gpt2", len(byte_level_tokenizer)), byte_level_tokenizer
+        ),
+    }

@@ -1,0 +1,230 @@
+"""The run configuration: one YAML file describes target, sources, data, alignment, fusion and
+output. Every field has a default where one is sensible and help text; errors name the field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem, one per line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Strict):
+    """A model in a local Hugging Face folder."""
+
+    path: str
+    """Local folder holding config.json, weights and tokenizer (hub ids are not fetched)."""
+    dtype: Dtype = "float32"
+    """Weights and compute dtype; bfloat16 on GPUs."""
+    device: Device = "auto"
+    """'auto' uses CUDA when the actor was given a GPU, else the CPU."""
+    trust_remote_code: bool = False
+    """Allow code shipped with the model to run. Off unless you trust its source."""
+    allow_pickle: bool = False
+    """Allow pickle (.bin/.pt) weights; safetensors only otherwise, since pickle can run code."""
+    gguf_file: str | None = None
+    """A GGUF file inside `path` to load (dequantised by transformers) instead of safetensors."""
+
+
+class SourceConfig(ModelConfig):
+    """One source ("blending") model and the Ray actors that run it."""
+
+    name: str
+    """Identifier used in column names: letters, digits, '_' and '-', starting with a letter."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """'hf' runs transformers; 'vllm' uses vLLM's prompt log-probs (optional extra)."""
+    actors: Annotated[int, Field(ge=1)] = 1
+    """Actors in this source's pool; more actors, more throughput."""
+    num_cpus: Annotated[float, Field(ge=0)] = 1.0
+    """CPUs reserved per actor (fractions allowed)."""
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    """GPUs reserved per actor (fractions allowed)."""
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    """Chunks per forward pass."""
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a usable name: use letters, digits, '_' or '-', starting "
+                "with a letter (it becomes part of column names)"
+            )
+        if value in ("fused", "target"):
+            raise ValueError(f"{value!r} is reserved for the fused teacher and the target")
+        return value
+
+
+class TargetConfig(ModelConfig):
+    """The model being trained; its tokenizer defines the data set's token ids."""
+
+    as_teacher: bool = True
+    """Run the target as a teacher candidate too (the paper does)."""
+    num_cpus: Annotated[float, Field(ge=0)] = 1.0
+    """CPUs reserved per target-teacher actor."""
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    """GPUs reserved per target-teacher actor."""
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    """Chunks per forward pass of the target teacher."""
+
+
+class DataConfig(_Strict):
+    """The corpus."""
+
+    paths: Annotated[list[str], Field(min_length=1)]
+    """Files, folders or globs; local or any URI pyarrow understands (s3://, gs://)."""
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    """'auto' decides by file extension (.txt, .jsonl/.json, .parquet)."""
+    text_field: str = "text"
+    """Column or JSON key holding the document text."""
+    id_field: str | None = None
+    """Column holding a stable document id; by default the file and row number."""
+    domain_field: str | None = None
+    """Column holding a domain label, kept for per-domain evaluation."""
+    max_length: Annotated[int, Field(ge=2)] = 2048
+    """Longest chunk, in target tokens; longer documents are cut into several chunks."""
+
+
+class AlignConfig(_Strict):
+    """How source distributions are moved into the target vocabulary."""
+
+    method: Literal["dtw", "offsets"] = "dtw"
+    """'dtw' as the reference; 'offsets' pairs positions by character offsets (exact)."""
+    vocab_map: Literal["mined", "exact"] = "mined"
+    """'mined' maps unmatched tokens to the nearest by edit distance; 'exact' drops them."""
+    mode: Literal["reference", "clean"] = "reference"
+    """'reference' reproduces FuseLLM's quirks; 'clean' fixes them (see README)."""
+    top_k: Annotated[int, Field(ge=1, le=1000)] = 10
+    """Entries kept per position."""
+
+
+class FuseConfig(_Strict):
+    """How candidate distributions become one teacher."""
+
+    method: Literal["min_ce", "avg_ce"] = "min_ce"
+    """MinCE takes the candidate with the lowest CE; AvgCE mixes them."""
+    granularity: Literal["sequence", "token"] = "sequence"
+    """Choose once per chunk or per position."""
+
+
+class OutputConfig(_Strict):
+    """Where the fused data set goes."""
+
+    dir: str
+    """Folder (or URI) of the Parquet data set and its manifest.json."""
+    rows_per_file: Annotated[int, Field(ge=1)] = 4096
+    """Rows per Parquet file."""
+
+
+class RayConfig(_Strict):
+    """The Ray cluster to use."""
+
+    address: str | None = None
+    """'auto' or ray://… for a running cluster; empty starts a local Ray."""
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    """Ray runtime_env for the job's workers."""
+
+
+class FusionConfig(_Strict):
+    """A whole fusion run."""
+
+    target: TargetConfig
+    sources: Annotated[list[SourceConfig], Field(min_length=1)]
+    data: DataConfig
+    align: AlignConfig = AlignConfig()
+    fuse: FuseConfig = FuseConfig()
+    output: OutputConfig
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _distinct_sources(self) -> FusionConfig:
+        seen: dict[str, int] = {}
+        for index, source in enumerate(self.sources):
+            if source.name in seen:
+                raise ValueError(
+                    f"sources.{index}.name: {source.name!r} is already the name of "
+                    f"sources.{seen[source.name]}; source names must be distinct"
+                )
+            seen[source.name] = index
+        return self
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line per problem: the dotted field path, then what is wrong in words."""
+    where = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key (check its spelling and nesting)"
+    if error["type"] == "missing":
+        return f"{where}: required but missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if isinstance(error.get("input"), str | int | float | bool) and error["type"] != "value_error":
+        message += f" (got {error['input']!r})"
+    return f"{where}: {message}" if where else message
+
+
+def parse_config(raw: dict[str, Any], base: Path | None = None) -> FusionConfig:
+    """Validate a config mapping; relative local paths are taken relative to ``base``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        config = FusionConfig.model_validate(raw)
+    except ValidationError as error:
+        lines = [_describe(e) for e in error.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+    return resolve_paths(config, base) if base is not None else config
+
+
+def _resolve(path: str, base: Path) -> str:
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str((base / path).resolve())
+
+
+def resolve_paths(config: FusionConfig, base: Path) -> FusionConfig:
+    """Make local paths absolute against ``base`` (the config file's folder)."""
+    return config.model_copy(
+        update={
+            "target": config.target.model_copy(update={"path": _resolve(config.target.path, base)}),
+            "sources": [
+                s.model_copy(update={"path": _resolve(s.path, base)}) for s in config.sources
+            ],
+            "data": config.data.model_copy(
+                update={"paths": [_resolve(p, base) for p in config.data.paths]}
+            ),
+            "output": config.output.model_copy(update={"dir": _resolve(config.output.dir, base)}),
+        }
+    )
+
+
+def load_config(path: str | Path) -> FusionConfig:
+    """Read and validate a YAML config file."""
+    file = Path(path)
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(file)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {str(file)!r} cannot be read: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(file)!r} is not valid YAML: {error}") from None
+    return parse_config(raw, base=file.resolve().parent)
+
+
+def config_to_yaml(config: FusionConfig) -> str:
+    """The resolved config as YAML (written next to every output)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

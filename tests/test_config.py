@@ -1,0 +1,83 @@
+"""Run configurations: defaults, path resolution, and errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from fusion.config import ConfigError, config_to_yaml, load_config, parse_config
+
+
+def _raw(**changes) -> dict:
+    raw = {
+        "target": {"path": "models/target"},
+        "sources": [{"name": "coder", "path": "models/gpt2"}],
+        "data": {"paths": ["corpus/*.jsonl"]},
+        "output": {"dir": "out"},
+    }
+    for dotted, value in changes.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+        node[leaf] = value
+    return raw
+
+
+def test_minimal_config_gets_reference_defaults():
+    config = parse_config(_raw())
+    assert (config.align.method, config.align.vocab_map, config.align.mode) == (
+        "dtw",
+        "mined",
+        "reference",
+    )
+    assert (config.fuse.method, config.align.top_k, config.data.max_length) == ("min_ce", 10, 2048)
+    assert config.sources[0].num_gpus == 0 and config.sources[0].actors == 1
+
+
+def test_relative_paths_are_resolved_against_the_config_folder(tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        yaml.safe_dump(_raw(**{"data.paths": ["s3://bucket/x", "c.txt"]}))
+    )
+    config = load_config(tmp_path / "run.yaml")
+    assert config.target.path == str(tmp_path / "models" / "target")
+    assert config.data.paths == ["s3://bucket/x", str(tmp_path / "c.txt")]
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = parse_config(_raw(), base=tmp_path)
+    assert parse_config(yaml.safe_load(config_to_yaml(config))) == config
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (_raw(**{"target.dtyp": "bfloat16"}), "target.dtyp: unknown key"),
+        (
+            _raw(**{"sources.0.actors": 0}),
+            r"sources.0.actors: .*greater than or equal to 1 \(got 0\)",
+        ),
+        (_raw(**{"sources.0.dtype": "fp8"}), r"sources.0.dtype: .*'float32'.*\(got 'fp8'\)"),
+        (
+            _raw(**{"sources": [{"name": "a", "path": "p"}, {"name": "a", "path": "q"}]}),
+            "sources.1.name: 'a' is already the name of sources.0",
+        ),
+        (_raw(**{"sources.0.name": "my model"}), "sources.0.name: .*not a usable name"),
+        (_raw(**{"sources.0.name": "fused"}), "reserved"),
+        (_raw(**{"align.top_k": "ten"}), r"align.top_k: .*integer.*\(got 'ten'\)"),
+        (_raw(**{"data.paths": []}), "data.paths: List should have at least 1 item"),
+        ({"target": {"path": "t"}}, "sources: required but missing"),
+        (["not", "a", "mapping"], "must be a mapping"),
+    ],
+)
+def test_bad_configs_name_the_field(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
+
+
+def test_missing_or_malformed_config_files_are_explained(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("target: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
