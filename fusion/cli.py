@@ -108,15 +108,16 @@ def validate(
     config_file: Annotated[Path, typer.Argument(help="YAML run configuration.")],
 ) -> None:
     """Check a run configuration and its model folders; explain every problem by field."""
-    from fusion.config import ConfigError, load_config
-    from fusion.models import ModelFolderError, check_model_folder
+    from fusion.config import load_config
+    from fusion.errors import FusionError
+    from fusion.models import check_model_folder
 
     try:
         config = load_config(config_file)
         check_model_folder(config.target, "target")
         for index, source in enumerate(config.sources):
             check_model_folder(source, f"sources.{index}")
-    except (ConfigError, ModelFolderError) as error:
+    except FusionError as error:
         raise _fail(error) from None
     names = ", ".join(s.name for s in config.sources)
     typer.echo(
@@ -124,3 +125,34 @@ def validate(
         f"({names}), align {config.align.method}/{config.align.vocab_map}/{config.align.mode}, "
         f"fuse {config.fuse.method} per {config.fuse.granularity}"
     )
+
+
+@app.command()
+def prepare(
+    config_file: Annotated[Path, typer.Argument(help="YAML run configuration.")],
+    output: Annotated[
+        str | None, typer.Option("--output", help="Output folder or URI (overrides output.dir).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Delete an output folder that holds another run.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Run the source models over the corpus, align and fuse: write the teacher data set.
+
+    Resumable: run it again on the same output and it skips what is complete.
+    """
+    from fusion.config import load_config
+    from fusion.errors import FusionError
+    from fusion.pipeline import prepare as run_prepare
+
+    try:
+        config = load_config(config_file)
+        if output is not None:
+            config = config.model_copy(
+                update={"output": config.output.model_copy(update={"dir": output})}
+            )
+        summary = run_prepare(config, overwrite=overwrite, quiet=quiet, echo=typer.echo)
+    except FusionError as error:
+        raise _fail(error) from None
+    typer.echo(f"prepared {summary.output_dir}: {summary.line()}")

@@ -11,12 +11,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fusion.errors import FusionError
+
 Dtype = Literal["float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
-class ConfigError(ValueError):
+class ConfigError(FusionError):
     """A configuration that cannot run; the message lists every problem, one per line."""
 
 

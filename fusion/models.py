@@ -12,12 +12,13 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fusion.config import ModelConfig
+from fusion.errors import FusionError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(FusionError):
     """A model or tokenizer folder that cannot be used as configured."""
 
 

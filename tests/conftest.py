@@ -59,3 +59,14 @@ def model_dirs(tmp_path_factory, byte_level_tokenizer, metaspace_tokenizer) -> d
             root / "gpt2", tiny_causal_lm("gpt2", len(byte_level_tokenizer)), byte_level_tokenizer
         ),
     }
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for every Ray test (2 CPUs, no dashboard, no token auth)."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,1 @@
+"""Model backends that turn token sequences into per-position top-k logits."""

@@ -1,0 +1,333 @@
+"""`fusion prepare`: the Ray Data pipeline from corpus to fused, materialised teacher data.
+
+read shards → chunk (target tokens, exact character spans) → target teacher (optional) →
+per source: forward (actor pool) → align (vocabulary bridge built once per source) → fuse →
+write committed Parquet parts. Completed shards are skipped on a re-run and rows of a shard
+already written are filtered out right after chunking, so a killed run resumes with no
+duplicated or missing ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fusion import __version__
+from fusion.align import VocabBridge, detect_marker, exact_vocab_map, mined_vocab_map
+from fusion.config import FusionConfig
+from fusion.corpus import CorpusError, plan_shards
+from fusion.errors import FusionError, user_error_from
+from fusion.models import check_model_folder, load_tokenizer, vocab_list
+from fusion.output import OutputDir
+from fusion.rows import FUSED, TARGET, schema
+from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
+
+_SMALL_CPU = 0.1  # reservation of the light CPU stages (chunking, alignment, fusion, writing)
+
+
+class ClusterError(FusionError):
+    """A config that asks the cluster for more than it has (it would hang, not fail)."""
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    """What a `fusion prepare` run left on disk."""
+
+    output_dir: str
+    rows: int
+    tokens: int
+    files: int
+    bytes_per_token: dict[str, float]
+    shards_total: int
+    shards_skipped: int
+    wall_seconds: float
+
+    def line(self) -> str:
+        per_source = ", ".join(f"{k} {v:.1f}" for k, v in self.bytes_per_token.items())
+        return (
+            f"{self.rows} rows, {self.tokens} tokens in {self.files} files "
+            f"({self.shards_skipped}/{self.shards_total} shards already done); bytes per token: "
+            f"{per_source}; {self.wall_seconds:.1f} s"
+        )
+
+
+def fingerprint(config: FusionConfig) -> str:
+    """Hash of everything that changes the rows (not resources, Ray or where output goes)."""
+    relevant = {
+        "target": config.target.model_dump(include={"path", "dtype", "as_teacher", "gguf_file"}),
+        "sources": [
+            s.model_dump(include={"name", "path", "dtype", "backend", "gguf_file"})
+            for s in config.sources
+        ],
+        "data": config.data.model_dump(),
+        "align": config.align.model_dump(),
+        "fuse": config.fuse.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def candidates(config: FusionConfig) -> list[str]:
+    """Teacher candidates in MinCE order: the target first (when it teaches), then sources."""
+    return ([TARGET] if config.target.as_teacher else []) + [s.name for s in config.sources]
+
+
+def build_bridges(config: FusionConfig) -> dict[str, VocabBridge]:
+    """One vocabulary bridge per source, computed once in the driver and shipped to actors."""
+    target = load_tokenizer(config.target.path, trust_remote_code=config.target.trust_remote_code)
+    target_vocab, target_marker = vocab_list(target), detect_marker(target)
+    bridges = {}
+    for source in config.sources:
+        tokenizer = load_tokenizer(source.path, trust_remote_code=source.trust_remote_code)
+        source_vocab, source_marker = vocab_list(tokenizer), detect_marker(tokenizer)
+        build_map = mined_vocab_map if config.align.vocab_map == "mined" else exact_vocab_map
+        mapping = build_map(
+            source_vocab, target_vocab, source_marker=source_marker, target_marker=target_marker
+        )
+        bridges[source.name] = VocabBridge.build(
+            source_vocab,
+            target_vocab,
+            mapping,
+            source_marker=source_marker,
+            target_marker=target_marker,
+        )
+    return bridges
+
+
+def check_cluster(config: FusionConfig, available: dict[str, float]) -> None:
+    """Refuse a config whose actors cannot all be placed: Ray would wait forever."""
+    cpus = 2 * _SMALL_CPU + sum(_SMALL_CPU + s.num_cpus * s.actors for s in config.sources)
+    gpus = sum(s.num_gpus * s.actors for s in config.sources)
+    if config.target.as_teacher:
+        cpus += config.target.num_cpus
+        gpus += config.target.num_gpus
+    have_cpus, have_gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    if gpus > have_gpus:
+        raise ClusterError(
+            f"the config asks for {gpus:g} GPUs (num_gpus × actors of target and sources) but "
+            f"the cluster has {have_gpus:g}; lower num_gpus or add GPU nodes"
+        )
+    if cpus > have_cpus + 1e-9:
+        raise ClusterError(
+            f"the config's actors need {cpus:g} CPUs but the cluster has {have_cpus:g}; lower "
+            "num_cpus (fractions are allowed) or actors per source, or add nodes"
+        )
+
+
+def _ensure_ray(config: FusionConfig):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=config.ray.address,
+            runtime_env=config.ray.runtime_env or None,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    return ray
+
+
+def prepare(
+    config: FusionConfig,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    echo: Callable[[str], None] = print,
+) -> PrepareSummary:
+    """Run (or resume) the prepare pipeline and write the manifest when every shard is done."""
+    started = time.perf_counter()
+    check_model_folder(config.target, "target")
+    for index, source in enumerate(config.sources):
+        check_model_folder(source, f"sources.{index}")
+    shards = plan_shards(config.data)
+    out = OutputDir(config.output.dir)
+    resolved = config.model_dump(mode="json")
+    out.claim(fingerprint(config), resolved, overwrite=overwrite)
+    finished = out.manifest()
+    if finished is not None and finished.get("fingerprint") == fingerprint(config):
+        echo(f"{out.path} is complete (manifest.json); nothing to do")
+        return _summary_of(finished, out.path, started)
+    progress = out.progress()
+    complete = progress.complete_shards()
+    todo = [s for s in shards if s.index not in complete]
+    names = candidates(config)
+    table_schema = schema([*names, FUSED], config.align.top_k)
+
+    if todo:
+        ray = _ensure_ray(config)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = not quiet
+        check_cluster(config, ray.cluster_resources())
+        bridges = build_bridges(config)
+        pool = ray.data.ActorPoolStrategy
+        dataset = ray.data.from_items(
+            [
+                {
+                    "index": s.index,
+                    "path": s.path,
+                    "format": s.format,
+                    "row_group": s.row_group if s.row_group is not None else -1,
+                }
+                for s in todo
+            ],
+            override_num_blocks=len(todo),
+        )
+        done = {s: ids for s, ids in progress.done_ids.items() if s not in complete}
+        dataset = dataset.map_batches(
+            ChunkStage,
+            fn_constructor_kwargs={"target": config.target, "data": config.data, "done_ids": done},
+            batch_size=1,
+            compute=pool(size=1),
+            num_cpus=_SMALL_CPU,
+        )
+        if config.target.as_teacher:
+            dataset = dataset.map_batches(
+                ForwardStage,
+                fn_constructor_kwargs={
+                    "name": TARGET,
+                    "model": config.target,
+                    "num_cpus": config.target.num_cpus,
+                    "num_gpus": config.target.num_gpus,
+                    "top_k": config.align.top_k,
+                },
+                batch_size=config.target.batch_size,
+                compute=pool(size=1),
+                num_cpus=config.target.num_cpus,
+                num_gpus=config.target.num_gpus,
+            )
+        for source in config.sources:
+            dataset = dataset.map_batches(
+                ForwardStage,
+                fn_constructor_kwargs={
+                    "name": source.name,
+                    "model": source,
+                    "num_cpus": source.num_cpus,
+                    "num_gpus": source.num_gpus,
+                    "top_k": config.align.top_k,
+                },
+                batch_size=source.batch_size,
+                compute=pool(size=source.actors),
+                num_cpus=source.num_cpus,
+                num_gpus=source.num_gpus,
+            ).map_batches(
+                AlignStage,
+                fn_constructor_kwargs={
+                    "name": source.name,
+                    "bridge": bridges[source.name],
+                    "align": config.align,
+                },
+                compute=pool(size=1),
+                num_cpus=_SMALL_CPU,
+            )
+        dataset = dataset.map_batches(
+            fuse_batch,
+            fn_kwargs={"candidates": names, "fuse": config.fuse, "mode": config.align.mode},
+            num_cpus=_SMALL_CPU,
+        ).map_batches(
+            write_batch,
+            fn_kwargs={
+                "out_dir": out.path,
+                "table_schema": table_schema,
+                "top_k": config.align.top_k,
+            },
+            batch_size=config.output.rows_per_file,
+            num_cpus=_SMALL_CPU,
+        )
+        try:
+            for part in dataset.iter_rows():
+                if not quiet:
+                    echo(f"wrote {part['file']}: {part['rows']} rows, {part['tokens']} tokens")
+        except Exception as error:
+            user_error = user_error_from(error)
+            if user_error is None:
+                raise
+            raise user_error from None
+        progress = out.progress()
+
+    unfinished = [
+        s.name
+        for s in shards
+        if s.index in progress.shard_totals and s.index not in progress.complete_shards()
+    ]
+    if unfinished:
+        raise RuntimeError(f"shards left incomplete after the run: {unfinished[:5]}")
+    if not progress.parts:
+        raise CorpusError(
+            f"data.paths {config.data.paths} yield no chunk of two or more target tokens: the "
+            "corpus is empty (or every document is)"
+        )
+    return _finish(out, config, progress, shards, len(shards) - len(todo), started, resolved)
+
+
+def _summary_of(manifest: dict, output_dir: str, started: float) -> PrepareSummary:
+    return PrepareSummary(
+        output_dir=output_dir,
+        rows=manifest["rows"],
+        tokens=manifest["tokens"],
+        files=len(manifest["files"]),
+        bytes_per_token=manifest["bytes_per_token"],
+        shards_total=len(manifest["shards"]),
+        shards_skipped=len(manifest["shards"]),
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
+def _finish(out, config, progress, shards, skipped, started, resolved) -> PrepareSummary:
+    rows = sum(p["rows"] for p in progress.parts)
+    tokens = sum(p["tokens"] for p in progress.parts)
+    column_bytes: dict[str, int] = {}
+    for part in progress.parts:
+        for group, size in part["column_bytes"].items():
+            column_bytes[group] = column_bytes.get(group, 0) + size
+    distributions = [*candidates(config), FUSED]
+    per_token = {g: column_bytes.get(g, 0) / max(tokens, 1) for g in distributions}
+    manifest = {
+        "format": "fusion-teacher-data/1",
+        "status": "complete",
+        "fingerprint": fingerprint(config),
+        "config": resolved,
+        "versions": _versions(),
+        "rows": rows,
+        "tokens": tokens,
+        "top_k": config.align.top_k,
+        "candidates": candidates(config),
+        "bytes_per_token": per_token,
+        "shards": [
+            {"index": s.index, "name": s.name, "chunks": progress.shard_totals.get(s.index, 0)}
+            for s in shards
+        ],
+        "files": [
+            {k: p[k] for k in ("file", "rows", "tokens", "bytes", "sha256")}
+            for p in sorted(progress.parts, key=lambda p: p["file"])
+        ],
+    }
+    out.write_manifest(manifest)
+    return PrepareSummary(
+        output_dir=out.path,
+        rows=rows,
+        tokens=tokens,
+        files=len(progress.parts),
+        bytes_per_token=per_token,
+        shards_total=len(shards),
+        shards_skipped=skipped,
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
+def _versions() -> dict[str, str]:
+    import pyarrow
+    import ray
+    import torch
+    import transformers
+
+    return {
+        "fusion": __version__,
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pyarrow": pyarrow.__version__,
+    }

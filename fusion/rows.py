@@ -1,0 +1,67 @@
+"""The row contract (design §2) as an Arrow schema, and batches turned into Arrow tables.
+
+One row per chunk, real tokens only: ``id``, ``domain``, ``text``, ``input_ids`` (int32), per
+distribution ``<name>.topk_ids`` (list of fixed-size lists of int32, target ids, -1 unused),
+``<name>.topk_logits`` (float16, -inf unused), ``<name>.ce`` (float32), and ``fused.choice``
+(int8: the candidate MinCE took for every position, -1 when positions differ or for AvgCE).
+Plain Arrow types: any Parquet reader opens the files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+FUSED = "fused"
+TARGET = "target"
+
+
+def schema(distributions: Sequence[str], top_k: int) -> pa.Schema:
+    """The data set's schema for the named distributions (candidates, then ``fused``)."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("domain", pa.string()),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    ]
+    for name in distributions:
+        fields += [
+            pa.field(f"{name}.topk_ids", pa.list_(pa.list_(pa.int32(), top_k)), nullable=False),
+            pa.field(
+                f"{name}.topk_logits", pa.list_(pa.list_(pa.float16(), top_k)), nullable=False
+            ),
+        ]
+        if name != FUSED:
+            fields.append(pa.field(f"{name}.ce", pa.float32(), nullable=False))
+    fields.append(pa.field(f"{FUSED}.choice", pa.int8(), nullable=False))
+    return pa.schema(fields)
+
+
+def _nested(arrays: Sequence[np.ndarray], dtype: pa.DataType, top_k: int) -> pa.Array:
+    """Per-row [L, k] arrays as list<fixed_size_list<dtype, k>>."""
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
+    flat = np.concatenate([np.asarray(a).reshape(-1) for a in arrays]) if len(arrays) else []
+    values = pa.array(flat, type=dtype)
+    inner = pa.FixedSizeListArray.from_arrays(values, top_k)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+def to_table(batch: dict[str, np.ndarray], table_schema: pa.Schema, top_k: int) -> pa.Table:
+    """Build an Arrow table of the contract from a batch of per-row numpy values."""
+    columns = []
+    for field in table_schema:
+        values = batch[field.name]
+        if field.name.endswith(".topk_ids"):
+            columns.append(_nested([np.asarray(v, np.int32) for v in values], pa.int32(), top_k))
+        elif field.name.endswith(".topk_logits"):
+            columns.append(
+                _nested([np.asarray(v, np.float16) for v in values], pa.float16(), top_k)
+            )
+        elif field.name == "input_ids":
+            columns.append(pa.array([np.asarray(v, np.int32) for v in values], field.type))
+        else:
+            columns.append(pa.array(list(values), field.type))
+    return pa.Table.from_arrays(columns, schema=table_schema)

@@ -1,0 +1,223 @@
+"""The Ray Data stages of `fusion prepare`, each a callable on a batch (dict of numpy arrays).
+
+Rows carry ``id`` (``doc_id:chunk``), ``domain``, ``text``, ``input_ids``, the target's
+``offsets``, ``shard`` and ``shard_total`` (the shard's chunk count, for resume). Model
+stages add ``<name>.raw_*`` columns in the model's own vocabulary; the align stage turns them
+into ``<name>.topk_ids/topk_logits`` in target ids; the fuse stage adds ``fused.*``.
+Callable classes hold what is expensive to build (tokenizers, models, vocabulary bridges).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fusion.align import VocabBridge, dtw_align, offset_align
+from fusion.align.alignment import Alignment
+from fusion.backends.hf import HFTopK
+from fusion.chunking import chunk_document
+from fusion.config import AlignConfig, DataConfig, FuseConfig, ModelConfig
+from fusion.corpus import Shard, read_documents
+from fusion.fuse import MIXED, fuse_topk, topk_token_ce
+from fusion.models import load_tokenizer
+from fusion.output import OutputDir
+from fusion.rows import FUSED, TARGET, to_table
+
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-D object array of per-row values (keeps ragged arrays as they are)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def set_threads(num_cpus: float) -> None:
+    """Keep torch to the CPUs Ray reserved for this worker (fractions get one thread)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+class ChunkStage:
+    """Reads shards and cuts their documents into chunks; skips chunks already written."""
+
+    def __init__(self, target: ModelConfig, data: DataConfig, done_ids: dict[int, set[str]]):
+        self.tokenizer = load_tokenizer(target.path, trust_remote_code=target.trust_remote_code)
+        self.data = data
+        self.done_ids = done_ids
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows: dict[str, list] = {k: [] for k in ("id", "domain", "text", "input_ids", "offsets")}
+        rows |= {"shard": [], "shard_total": []}
+        for index, path, kind, group in zip(
+            batch["index"], batch["path"], batch["format"], batch["row_group"], strict=True
+        ):
+            shard = Shard(int(index), str(path), str(kind), None if group < 0 else int(group))
+            chunks = [
+                chunk
+                for document in read_documents(shard, self.data)
+                for chunk in chunk_document(document, self.tokenizer, self.data.max_length)
+            ]
+            done = self.done_ids.get(shard.index, set())
+            for chunk in chunks:
+                if chunk.chunk_id in done:
+                    continue
+                rows["id"].append(chunk.chunk_id)
+                rows["domain"].append(chunk.domain)
+                rows["text"].append(chunk.text)
+                rows["input_ids"].append(chunk.input_ids)
+                rows["offsets"].append(chunk.offsets)
+                rows["shard"].append(shard.index)
+                rows["shard_total"].append(len(chunks))
+        return {
+            "id": np.asarray(rows["id"], dtype=object),
+            "domain": _objects(rows["domain"]),
+            "text": np.asarray(rows["text"], dtype=object),
+            "input_ids": _objects(rows["input_ids"]),
+            "offsets": _objects(rows["offsets"]),
+            "shard": np.asarray(rows["shard"], dtype=np.int64),
+            "shard_total": np.asarray(rows["shard_total"], dtype=np.int64),
+        }
+
+
+class ForwardStage:
+    """Runs one model over every chunk's text and keeps its top-k per position.
+
+    The target reads its own ``input_ids``; a source tokenizes the same text itself.
+    """
+
+    def __init__(
+        self, name: str, model: ModelConfig, *, num_cpus: float, num_gpus: float, top_k: int
+    ):
+        set_threads(num_cpus)
+        self.name = name
+        self.field = "target" if name == TARGET else f"source {name!r}"
+        self.reader = HFTopK(model, self.field, num_gpus=num_gpus, top_k=top_k)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        row_ids = list(batch["id"])
+        if self.name == TARGET:
+            sequences, offsets = list(batch["input_ids"]), list(batch["offsets"])
+        else:
+            encoded = [
+                self.reader.encode(text, len(ids) > len(offs))
+                for text, ids, offs in zip(
+                    batch["text"], batch["input_ids"], batch["offsets"], strict=True
+                )
+            ]
+            sequences, offsets = [e[0] for e in encoded], [e[1] for e in encoded]
+        results = self.reader.read(sequences, row_ids)
+        prefix = f"{self.name}.raw_" if self.name != TARGET else f"{self.name}."
+        batch[f"{prefix}topk_ids"] = _objects([r.ids for r in results])
+        batch[f"{prefix}topk_logits"] = _objects([r.logits for r in results])
+        batch[f"{self.name}.ce"] = np.asarray([r.ce for r in results], dtype=np.float32)
+        if self.name != TARGET:
+            batch[f"{self.name}.raw_ids"] = _objects(sequences)
+            batch[f"{self.name}.raw_offsets"] = _objects(offsets)
+        return batch
+
+
+def align_row(
+    bridge: VocabBridge,
+    align: AlignConfig,
+    target_ids: np.ndarray,
+    target_offsets: np.ndarray,
+    source_ids: np.ndarray,
+    source_offsets: np.ndarray,
+    text: str,
+) -> Alignment:
+    """Align the text tokens of both sides (DTW or offsets) and pair trailing EOS tokens."""
+    n_target, n_source = len(target_offsets), len(source_offsets)
+    if align.method == "dtw":
+        text_alignment = dtw_align(
+            [bridge.source_vocab[i] for i in source_ids[:n_source]],
+            [bridge.target_vocab[i] for i in target_ids[:n_target]],
+            source_marker=bridge.source_marker,
+            target_marker=bridge.target_marker,
+            tie_break="fusellm" if align.mode == "reference" else "fusechat",
+        )
+    else:
+        text_alignment = offset_align(source_offsets, target_offsets, text)
+    pairs = list(text_alignment.target_to_source)
+    if len(target_ids) > n_target:  # the target's EOS
+        pairs.append([n_source] if len(source_ids) > n_source else [])
+    return Alignment(text_alignment.cost, pairs, [])
+
+
+class AlignStage:
+    """Moves one source's top-k into target ids (reference §4), then drops its raw columns."""
+
+    def __init__(self, name: str, bridge: VocabBridge, align: AlignConfig):
+        self.name, self.bridge, self.align = name, bridge, align
+        self.mode = "soft" if align.vocab_map == "mined" else "hard"
+        self.fallback = "current" if align.mode == "reference" else "next"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raw = {
+            k: batch.pop(f"{self.name}.raw_{k}")
+            for k in ("ids", "offsets", "topk_ids", "topk_logits")
+        }
+        out_ids, out_logits = [], []
+        for row in range(len(batch["id"])):
+            alignment = align_row(
+                self.bridge,
+                self.align,
+                batch["input_ids"][row],
+                batch["offsets"][row],
+                raw["ids"][row],
+                raw["offsets"][row],
+                batch["text"][row],
+            )
+            ids, logits = self.bridge.transfer(
+                batch["input_ids"][row],
+                raw["ids"][row],
+                raw["topk_ids"][row],
+                raw["topk_logits"][row],
+                alignment,
+                mode=self.mode,
+                fallback=self.fallback,
+                check_tokens=self.align.method == "dtw",
+            )
+            out_ids.append(ids)
+            out_logits.append(logits.astype(np.float32))
+        batch[f"{self.name}.topk_ids"] = _objects(out_ids)
+        batch[f"{self.name}.topk_logits"] = _objects(out_logits)
+        return batch
+
+
+def fuse_batch(
+    batch: dict[str, np.ndarray], candidates: list[str], fuse: FuseConfig, mode: str
+) -> dict[str, np.ndarray]:
+    """Fuse the candidates' aligned top-k per row into ``fused.*`` (MinCE or AvgCE)."""
+    fused_ids, fused_logits, choices = [], [], []
+    for row in range(len(batch["id"])):
+        ids = np.stack([batch[f"{c}.topk_ids"][row] for c in candidates])
+        logits = np.stack([batch[f"{c}.topk_logits"][row] for c in candidates])
+        if fuse.granularity == "token":
+            labels = np.append(np.asarray(batch["input_ids"][row][1:], np.int64), -1)
+            ce = np.stack([topk_token_ce(i, lg, labels) for i, lg in zip(ids, logits, strict=True)])
+        else:
+            ce = np.asarray([batch[f"{c}.ce"][row] for c in candidates], dtype=np.float64)
+        result = fuse_topk(ids, logits, ce, method=fuse.method, mode=mode)
+        fused_ids.append(result.ids)
+        fused_logits.append(result.logits.astype(np.float32))
+        choice = result.choice
+        choices.append(int(choice[0]) if (choice == choice[0]).all() else MIXED)
+    batch[f"{FUSED}.topk_ids"] = _objects(fused_ids)
+    batch[f"{FUSED}.topk_logits"] = _objects(fused_logits)
+    batch[f"{FUSED}.choice"] = np.asarray(choices, dtype=np.int8)
+    return batch
+
+
+def write_batch(
+    batch: dict[str, np.ndarray], out_dir: str, table_schema, top_k: int
+) -> dict[str, np.ndarray]:
+    """Write the batch as one committed part; return one summary row for the driver."""
+    table = to_table(batch, table_schema, top_k)
+    shards = [int(s) for s in batch["shard"]]
+    totals = {int(s): int(t) for s, t in zip(batch["shard"], batch["shard_total"], strict=True)}
+    sidecar = OutputDir(out_dir).write_part(table, shards, totals)
+    return {
+        "file": np.asarray([sidecar["file"]], dtype=object),
+        "rows": np.asarray([sidecar["rows"]]),
+        "tokens": np.asarray([sidecar["tokens"]]),
+    }

@@ -1,0 +1,130 @@
+"""`fusion prepare` end to end on a real Ray instance with three tiny sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fusion.backends.hf import HFTopK
+from fusion.chunking import encode
+from fusion.config import parse_config
+from fusion.models import load_tokenizer
+from fusion.pipeline import build_bridges, prepare
+from fusion.stages import align_row
+from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, training_texts):
+    """Target Llama (Metaspace ▁), sources GPT-2 and GPT-NeoX (byte-level Ġ, two vocabularies)
+    and a Llama source with its own Metaspace tokenizer; a corpus in all three formats."""
+    root = tmp_path_factory.mktemp("world")
+    target_tok = train_tokenizer(training_texts[:40], "metaspace", 700)
+    byte_a = train_tokenizer(training_texts[:40], "byte_level", 600)
+    byte_b = train_tokenizer(training_texts[10:50], "byte_level", 450)
+    meta_b = train_tokenizer(training_texts[20:60], "metaspace", 520)
+    models = {
+        "target": ("llama", target_tok, 0),
+        "coder": ("gpt2", byte_a, 1),
+        "writer": ("gpt_neox", byte_b, 2),
+        "counter": ("llama", meta_b, 3),
+    }
+    for name, (arch, tok, seed) in models.items():
+        save_model_dir(root / name, tiny_causal_lm(arch, len(tok), seed=seed), tok)
+    docs = [t[:1500] for t in training_texts[40:64]]
+    corpus = root / "corpus"
+    corpus.mkdir()
+    with (corpus / "a.jsonl").open("w") as f:
+        for i, text in enumerate(docs[:14]):
+            f.write(json.dumps({"text": text, "kind": "prose" if i % 2 else "code"}) + "\n")
+    (corpus / "b.txt").write_text(docs[14], encoding="utf-8")
+    pq.write_table(
+        pa.table({"text": docs[15:], "kind": ["prose"] * len(docs[15:])}),
+        corpus / "c.parquet",
+        row_group_size=4,
+    )
+    return root
+
+
+def _raw_config(world: Path, out: Path, **extra) -> dict:
+    sources = [
+        {"name": name, "path": str(world / name), "num_cpus": 0.35}
+        for name in ("coder", "writer", "counter")
+    ]
+    raw = {
+        "target": {"path": str(world / "target"), "num_cpus": 0.35},
+        "sources": sources,
+        "data": {"paths": [str(world / "corpus")], "max_length": 96, "domain_field": "kind"},
+        "output": {"dir": str(out), "rows_per_file": 8},
+    }
+    return raw | extra
+
+
+@pytest.fixture(scope="module")
+def prepared(world, ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "out"
+    config = parse_config(_raw_config(world, out))
+    summary = prepare(config, quiet=True)
+    return config, summary, out
+
+
+def test_prepare_writes_the_row_contract_and_a_manifest(prepared):
+    _, summary, out = prepared
+    table = pq.read_table(out / "data")
+    ids = table["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == summary.rows > 24  # long documents give several chunks
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["rows"] == summary.rows
+    assert manifest["tokens"] == sum(len(x) for x in table["input_ids"].to_pylist())
+    assert manifest["candidates"] == ["target", "coder", "writer", "counter"]
+    assert {f["file"] for f in manifest["files"]} == {
+        f"data/{p.name}" for p in (out / "data").glob("*.parquet")
+    }
+    for name in ("coder", "writer", "counter", "fused"):
+        assert table.schema.field(f"{name}.topk_ids").type == pa.list_(pa.list_(pa.int32(), 10))
+        assert table.schema.field(f"{name}.topk_logits").type == pa.list_(
+            pa.list_(pa.float16(), 10)
+        )
+        assert manifest["bytes_per_token"][name] <= 64
+    row = table.slice(0, 1).to_pylist()[0]
+    assert len(row["fused.topk_ids"]) == len(row["input_ids"])
+    assert set(table["domain"].to_pylist()) == {"prose", "code", None}
+    assert all(max(max(p) for p in r) < 700 for r in table["fused.topk_ids"].to_pylist())
+
+
+def test_aligned_top_k_equals_the_alignment_functions_called_directly(prepared):
+    config, _, out = prepared
+    rows = pq.read_table(out / "data").sort_by("id").slice(0, 6).to_pylist()
+    bridges = build_bridges(config)
+    target_tokenizer = load_tokenizer(config.target.path)
+    for index, source in enumerate(config.sources):
+        reader = HFTopK(source, f"sources.{index}", num_gpus=0, top_k=10)
+        for row in rows:
+            input_ids = np.asarray(row["input_ids"], np.int32)
+            target_offsets = encode(target_tokenizer, row["text"], False)[1]
+            source_ids, source_offsets = reader.encode(
+                row["text"], len(input_ids) > len(target_offsets)
+            )
+            topk = reader.read([source_ids], [row["id"]])[0]
+            alignment = align_row(
+                bridges[source.name],
+                config.align,
+                input_ids,
+                target_offsets,
+                source_ids,
+                source_offsets,
+                row["text"],
+            )
+            ids, logits = bridges[source.name].transfer(
+                input_ids, source_ids, topk.ids, topk.logits, alignment
+            )
+            assert np.asarray(row[f"{source.name}.topk_ids"]).tolist() == ids.tolist()
+            stored = np.asarray(row[f"{source.name}.topk_logits"], dtype=np.float32)
+            assert np.array_equal(stored, logits.astype(np.float16).astype(np.float32))
