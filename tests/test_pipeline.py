@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
+from transformers import ByT5Tokenizer
+from typer.testing import CliRunner
 
 from fusion.backends.hf import HFTopK
 from fusion.chunking import encode
+from fusion.cli import app
 from fusion.config import parse_config
 from fusion.models import load_tokenizer
-from fusion.pipeline import build_bridges, prepare
+from fusion.pipeline import ClusterError, build_bridges, check_cluster, prepare
 from fusion.stages import align_row
 from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 
@@ -128,3 +139,124 @@ def test_aligned_top_k_equals_the_alignment_functions_called_directly(prepared):
             assert np.asarray(row[f"{source.name}.topk_ids"]).tolist() == ids.tolist()
             stored = np.asarray(row[f"{source.name}.topk_logits"], dtype=np.float32)
             assert np.array_equal(stored, logits.astype(np.float16).astype(np.float32))
+
+
+def test_rerun_on_a_complete_output_does_nothing_and_keeps_the_files(prepared):
+    config, summary, out = prepared
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()}
+    again = prepare(config, quiet=True)
+    assert (again.rows, again.tokens, again.shards_skipped) == (
+        summary.rows,
+        summary.tokens,
+        summary.shards_total,
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()} == before
+
+
+def test_killed_prepare_resumes_with_no_duplicated_or_missing_ids(world, prepared, tmp_path):
+    _, summary, full_out = prepared
+    out = tmp_path / "out"
+    raw = _raw_config(world, out)
+    raw["output"]["rows_per_file"] = 2
+    raw["ray"] = {"address": ray_address()}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    fusion = Path(sys.executable).with_name("fusion")
+    process = subprocess.Popen(
+        [str(fusion), "prepare", str(tmp_path / "run.yaml"), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    commits = out / "commits"
+    deadline = time.monotonic() + 240
+    while not (commits.is_dir() and any(commits.glob("*.json"))):
+        assert process.poll() is None, "prepare ended before committing a part"
+        assert time.monotonic() < deadline, "no part committed in time"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    committed_at_kill = len(list(commits.glob("*.json")))
+    assert not (out / "manifest.json").exists()
+
+    resumed = prepare(parse_config(raw | {"ray": {}}), quiet=True)
+    ids = pq.read_table(out / "data")["id"].to_pylist()
+    assert len(ids) == len(set(ids))
+    assert sorted(ids) == sorted(pq.read_table(full_out / "data")["id"].to_pylist())
+    assert resumed.rows == summary.rows and committed_at_kill < resumed.files
+
+
+def ray_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def test_another_config_on_the_same_output_is_refused(world, prepared):
+    _, _, out = prepared
+    raw = _raw_config(world, out)
+    raw["align"] = {"method": "offsets"}
+    result = CliRunner().invoke(app, ["prepare", _write(raw, out.parent / "other.yaml")])
+    assert result.exit_code == 2
+    assert "holds another run" in result.output
+
+
+def _write(raw: dict, path: Path) -> str:
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_unreadable_corpus_file_names_the_file_and_leaves_no_part(world, ray_cluster, tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine text here"}\n{"text": "\xff\xfe"}\n')
+    raw = _raw_config(world, tmp_path / "out")
+    raw["data"]["paths"] = [str(tmp_path / "bad.jsonl")]
+    result = CliRunner().invoke(app, ["prepare", _write(raw, tmp_path / "run.yaml")])
+    assert result.exit_code == 2, result.output
+    assert "bad.jsonl: not valid UTF-8" in result.output
+    assert "Traceback" not in result.output
+    assert not list((tmp_path / "out" / "data").glob("*.parquet"))
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("missing", "sources.0.path .* does not exist"),
+        ("no_weights", "holds no weights"),
+        ("no_offsets", "slow tokenizer without character offsets"),
+        ("bad_config", "sources.0.actors: .*greater than or equal to 1"),
+        ("no_corpus", "matches no file"),
+    ],
+)
+def test_unusable_inputs_exit_non_zero_naming_the_culprit(world, tmp_path, breakage, message):
+    raw = _raw_config(world, tmp_path / "out")
+    broken = tmp_path / "broken"
+    if breakage == "missing":
+        raw["sources"][0]["path"] = str(broken)
+    elif breakage in ("no_weights", "no_offsets"):
+        shutil.copytree(world / "coder", broken)
+        raw["sources"][0]["path"] = str(broken)
+        if breakage == "no_weights":
+            (broken / "model.safetensors").unlink()
+        else:
+            (broken / "tokenizer.json").unlink()
+            (broken / "tokenizer_config.json").unlink()
+            ByT5Tokenizer().save_pretrained(broken)
+    elif breakage == "bad_config":
+        raw["sources"][0]["actors"] = 0
+    else:
+        raw["data"]["paths"] = [str(tmp_path / "nothing-here" / "*.jsonl")]
+    result = CliRunner().invoke(app, ["prepare", _write(raw, tmp_path / "run.yaml")])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output), result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "data").exists() or not any(
+        (tmp_path / "out" / "data").iterdir()
+    )
+
+
+def test_asking_for_more_than_the_cluster_has_fails_fast(world, tmp_path):
+    raw = _raw_config(world, tmp_path / "out")
+    raw["sources"][0]["num_gpus"] = 1
+    with pytest.raises(ClusterError, match=r"asks for 1 GPUs .* the cluster has 0"):
+        check_cluster(parse_config(raw), {"CPU": 2.0})
+    raw["sources"][0] |= {"num_gpus": 0, "num_cpus": 2}
+    with pytest.raises(ClusterError, match=r"need .* CPUs but the cluster has 2"):
+        check_cluster(parse_config(raw), {"CPU": 2.0})
