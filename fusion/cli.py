@@ -156,3 +156,38 @@ def prepare(
     except FusionError as error:
         raise _fail(error) from None
     typer.echo(f"prepared {summary.output_dir}: {summary.line()}")
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+@app.command()
+def estimate(
+    config_file: Annotated[Path, typer.Argument(help="YAML run configuration.")],
+) -> None:
+    """Predict disk, memory per actor and rough time of `fusion prepare` before running it."""
+    from fusion.config import load_config
+    from fusion.errors import FusionError
+    from fusion.estimate import estimate as run_estimate
+
+    try:
+        result = run_estimate(load_config(config_file))
+    except FusionError as error:
+        raise _fail(error) from None
+    typer.echo(
+        f"corpus {_human(result.corpus_bytes)} ≈ {result.tokens:,} target tokens; "
+        f"disk ≤ {_human(result.disk_bytes)}"
+    )
+    for model in result.models:
+        typer.echo(
+            f"  {model.name:<12} {model.parameters / 1e6:>9.1f} M parameters, "
+            f"≈ {_human(model.memory_bytes)} per actor, ≈ {model.seconds / 3600:.2f} h"
+        )
+    typer.echo(
+        f"rough wall time ≈ {result.seconds / 3600:.2f} h (the slowest stage; stages stream)"
+    )

@@ -260,3 +260,20 @@ def test_asking_for_more_than_the_cluster_has_fails_fast(world, tmp_path):
     raw["sources"][0] |= {"num_gpus": 0, "num_cpus": 2}
     with pytest.raises(ClusterError, match=r"need .* CPUs but the cluster has 2"):
         check_cluster(parse_config(raw), {"CPU": 2.0})
+
+
+def test_estimate_predicts_tokens_and_bounds_disk_before_running(world, prepared, tmp_path):
+    from fusion.estimate import estimate
+
+    config, summary, out = prepared
+    result = estimate(config)
+    assert 0.7 * summary.tokens < result.tokens < 1.3 * summary.tokens
+    written = sum(p.stat().st_size for p in (out / "data").glob("*.parquet"))
+    assert result.disk_bytes > written
+    assert [m.name for m in result.models] == ["target", "coder", "writer", "counter"]
+    assert all(m.parameters > 0 and m.memory_bytes > 0 for m in result.models)
+    cli = CliRunner().invoke(
+        app, ["estimate", _write(_raw_config(world, out), tmp_path / "e.yaml")]
+    )
+    assert cli.exit_code == 0, cli.output
+    assert "target tokens" in cli.output and "per actor" in cli.output

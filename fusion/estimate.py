@@ -1,0 +1,152 @@
+"""`fusion estimate`: disk, memory and rough time of a prepare run, before anything runs.
+
+Tokens come from the corpus size and the target tokenizer's tokens per byte on a sample;
+disk from the row contract's bytes per token (an upper bound: Parquet compresses); memory from
+the parameter counts in the safetensors headers plus one batch of logits; time from forward
+FLOPs (2 × parameters per token) at an assumed device throughput — a rough guide only.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from fusion.chunking import encode
+from fusion.config import FusionConfig, ModelConfig
+from fusion.corpus import Shard, plan_shards, read_documents
+from fusion.models import load_tokenizer
+
+ASSUMED_FLOPS = {"cpu_core": 2e10, "gpu": 1e14}  # effective forward FLOP/s
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_SAMPLE_BYTES = 400_000
+_SAMPLE_SHARDS = 8
+
+
+@dataclass(frozen=True)
+class ModelEstimate:
+    """One model's share of the run."""
+
+    name: str
+    parameters: int
+    memory_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The whole run."""
+
+    corpus_bytes: int
+    tokens: int
+    disk_bytes: int
+    models: list[ModelEstimate]
+
+    @property
+    def seconds(self) -> float:
+        """Stages stream, so the slowest stage bounds the run."""
+        return max(m.seconds for m in self.models)
+
+
+def _size(shard: Shard, text_field: str) -> int:
+    """Bytes of text in a shard (uncompressed text column for Parquet)."""
+    if shard.format == "parquet":
+        filesystem, inner = _fs(shard.path)
+        metadata = pq.ParquetFile(filesystem.open_input_file(inner)).metadata
+        group = metadata.row_group(shard.row_group)
+        return sum(
+            group.column(c).total_uncompressed_size
+            for c in range(group.num_columns)
+            if group.column(c).path_in_schema == text_field
+        )
+    filesystem, inner = _fs(shard.path)
+    size = filesystem.get_file_info(inner).size
+    if shard.format == "jsonl":
+        size = int(size * _jsonl_text_fraction(filesystem, inner, text_field))
+    return size
+
+
+def _jsonl_text_fraction(filesystem: pafs.FileSystem, path: str, text_field: str) -> float:
+    """Share of a JSONL file's bytes that is document text, measured on its first lines."""
+    with filesystem.open_input_stream(path) as stream:
+        head = stream.read(_SAMPLE_BYTES)
+    lines = head.split(b"\n")[:-1] or [head]
+    text = line_bytes = 0
+    for line in lines:
+        try:
+            value = json.loads(line).get(text_field, "")
+        except (ValueError, AttributeError):
+            continue
+        text += len(str(value).encode("utf-8"))
+        line_bytes += len(line) + 1
+    return text / line_bytes if line_bytes else 1.0
+
+
+def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def parameter_count(model: ModelConfig) -> int:
+    """Parameters listed in the folder's safetensors headers (no weights are read)."""
+    total = 0
+    for file in sorted(Path(model.path).glob("*.safetensors")):
+        with file.open("rb") as stream:
+            (length,) = struct.unpack("<Q", stream.read(8))
+            header = json.loads(stream.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def estimate(config: FusionConfig) -> Estimate:
+    """Predict tokens, disk, memory per actor and time for ``config``."""
+    shards = plan_shards(config.data)
+    corpus_bytes = sum(_size(s, config.data.text_field) for s in shards)
+    tokenizer = load_tokenizer(
+        config.target.path, trust_remote_code=config.target.trust_remote_code
+    )
+    sample_bytes = sample_tokens = 0
+    step = max(1, len(shards) // _SAMPLE_SHARDS)
+    for shard in shards[::step][:_SAMPLE_SHARDS]:  # spread over the corpus: densities differ
+        shard_bytes = 0
+        for document in read_documents(shard, config.data):
+            shard_bytes += len(document.text.encode("utf-8"))
+            sample_tokens += len(encode(tokenizer, document.text, True)[0])
+            if shard_bytes >= _SAMPLE_BYTES // _SAMPLE_SHARDS:
+                break
+        sample_bytes += shard_bytes
+    tokens = int(corpus_bytes * sample_tokens / max(sample_bytes, 1))
+    k = config.align.top_k
+    distributions = len(config.sources) + int(config.target.as_teacher) + 1
+    per_token = 4 + 1.2 * (corpus_bytes / max(tokens, 1)) + distributions * 6 * k
+    vocab = len(tokenizer)
+    models = []
+    entries: list[tuple[str, ModelConfig, float, float, int, int]] = [
+        (s.name, s, s.num_cpus, s.num_gpus, s.actors, s.batch_size) for s in config.sources
+    ]
+    if config.target.as_teacher:
+        t = config.target
+        entries.insert(0, ("target", t, t.num_cpus, t.num_gpus, 1, t.batch_size))
+    for name, model, cpus, gpus, actors, batch in entries:
+        parameters = parameter_count(model)
+        logits = batch * config.data.max_length * max(vocab, 1) * 4 * 2
+        rate = ASSUMED_FLOPS["gpu"] * gpus if gpus > 0 else ASSUMED_FLOPS["cpu_core"] * max(cpus, 1)
+        models.append(
+            ModelEstimate(
+                name=name,
+                parameters=parameters,
+                memory_bytes=parameters * _DTYPE_BYTES[model.dtype] + logits,
+                seconds=2 * parameters * tokens / (rate * actors),
+            )
+        )
+    return Estimate(corpus_bytes, tokens, int(tokens * per_token), models)
