@@ -45,10 +45,14 @@ def stdlib_text(min_chars: int) -> str:
     return "".join(parts)
 
 
-def report(name: str, rows: list[tuple[str, str, str, str]], extra: dict) -> None:
-    """Print a table (figure, fusion, pure Python, ratio) and write JSON under bench/results."""
-    header = ("figure", "fusion", "pure Python", "ratio")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+def report(
+    name: str,
+    rows: list[tuple[str, ...]],
+    extra: dict,
+    header: tuple[str, ...] = ("figure", "fusion", "pure Python", "ratio"),
+) -> None:
+    """Print a table and write it, with ``extra`` figures, as JSON under bench/results."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
     RESULTS.mkdir(exist_ok=True)

@@ -82,8 +82,10 @@ def topk_token_ce(
             "[L, k], [L, k] and [L]"
         )
     present = logits > -np.inf
-    top = np.where(present.any(axis=1), logits.max(axis=1, initial=-np.inf), 0.0)
-    log_norm = np.log(np.where(present, np.exp(logits - top[:, None]), 0.0).sum(axis=1)) + top
+    row_has = present.any(axis=1)
+    top = np.where(row_has, logits.max(axis=1, initial=-np.inf), 0.0)
+    sums = np.where(present, np.exp(np.where(present, logits, top[:, None]) - top[:, None]), 0.0)
+    log_norm = np.log(np.where(row_has, sums.sum(axis=1), 1.0)) + top
     hit = (ids == labels[:, None]) & present & (labels[:, None] >= 0)
     label_logit = np.where(hit, logits, -np.inf).max(axis=1, initial=-np.inf)
     return np.where(hit.any(axis=1), log_norm - label_logit, np.inf)

@@ -62,6 +62,11 @@ def to_table(batch: dict[str, np.ndarray], table_schema: pa.Schema, top_k: int) 
             )
         elif field.name == "input_ids":
             columns.append(pa.array([np.asarray(v, np.int32) for v in values], field.type))
+        elif pa.types.is_string(field.type):
+            # A column of nulls reaches us as floats (NaN) after Ray's block conversions.
+            columns.append(
+                pa.array([v if isinstance(v, str) else None for v in values], field.type)
+            )
         else:
             columns.append(pa.array(list(values), field.type))
     return pa.Table.from_arrays(columns, schema=table_schema)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -81,3 +83,10 @@ def test_missing_or_malformed_config_files_are_explained(tmp_path):
     (tmp_path / "bad.yaml").write_text("target: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_every_shipped_config_parses():
+    shipped = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        load_config(path)

@@ -52,6 +52,7 @@ class HFTopK:
             if token.startswith("<|fusion:unused:"):
                 usable[token_id] = False
         self.masked = (~usable).to(self.device)
+        self.any_masked = bool(self.masked.any())
         self.max_length = getattr(self.model.config, "max_position_embeddings", None)
 
     def encode(self, text: str, has_eos: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -63,30 +64,39 @@ class HFTopK:
 
     @torch.inference_mode()
     def read(self, sequences: list[np.ndarray], row_ids: list[str]) -> list[TopK]:
-        """Top-k and CE for each id sequence (right-padded into one forward pass)."""
-        longest = max(len(s) for s in sequences)
-        batch = torch.zeros(len(sequences), longest, dtype=torch.long)
-        mask = torch.zeros(len(sequences), longest, dtype=torch.long)
+        """Top-k and CE for each id sequence, from one right-padded forward pass.
+
+        Everything after the forward is batched and reuses the logits in place: one top-k,
+        one log-normaliser; the NaN check reads the top-1 values, not the logits again.
+        """
+        lengths = torch.tensor([len(s) for s in sequences])
+        batch = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long)
         for row, sequence in enumerate(sequences):
             batch[row, : len(sequence)] = torch.from_numpy(sequence.astype(np.int64))
-            mask[row, : len(sequence)] = 1
-        logits = self.model(batch.to(self.device), attention_mask=mask.to(self.device)).logits
-        logits = logits.float().masked_fill(self.masked, float("-inf"))
-        results = []
-        for row, sequence in enumerate(sequences):
-            length = len(sequence)
-            row_logits = logits[row, :length]
-            if not torch.isfinite(row_logits.max(-1).values).all():  # NaN or +inf anywhere
-                raise ModelOutputError(
-                    f"{self.field} produced NaN or infinite logits for row {row_ids[row]!r}"
-                )
-            values, indices = row_logits.topk(min(self.top_k, row_logits.shape[-1]), dim=-1)
-            labels = batch[row, 1:length].to(self.device)
-            # A one-token reading predicts nothing: no evidence, so it never wins MinCE.
-            ce = (
-                torch.nn.functional.cross_entropy(row_logits[:-1], labels).item()
-                if length > 1
-                else float("inf")
+        positions = torch.arange(batch.shape[1])
+        real = positions[None, :] < lengths[:, None]
+        batch, real = batch.to(self.device), real.to(self.device)
+        logits = self.model(batch, attention_mask=real.long()).logits.float()
+        if self.any_masked:
+            logits.masked_fill_(self.masked, float("-inf"))
+        values, indices = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
+        finite = torch.isfinite(values[..., 0]) | ~real  # NaN sorts first, +inf is the max
+        if not finite.all():
+            row = int((~finite).any(-1).nonzero()[0])
+            raise ModelOutputError(
+                f"{self.field} produced NaN or infinite logits for row {row_ids[row]!r}"
             )
-            results.append(TopK(indices.int().cpu().numpy(), values.cpu().numpy(), float(ce)))
-        return results
+        # Mean next-token CE per row: logsumexp minus the label's logit over real predictions.
+        scored = real[:, 1:]
+        nll = torch.logsumexp(logits[:, :-1], -1) - logits[:, :-1].gather(
+            -1, batch[:, 1:, None]
+        ).squeeze(-1)
+        counts = scored.sum(-1)
+        ce = (nll.masked_fill(~scored, 0.0).sum(-1) / counts.clamp_min(1)).cpu()
+        # A one-token reading predicts nothing: no evidence, so it never wins MinCE.
+        ce = torch.where(counts.cpu() > 0, ce, torch.tensor(float("inf")))
+        values, indices = values.cpu().numpy(), indices.int().cpu().numpy()
+        return [
+            TopK(indices[row, :length], values[row, :length], float(ce[row]))
+            for row, length in enumerate(lengths.tolist())
+        ]

@@ -1,0 +1,74 @@
+"""The pipeline's batch functions on hand-made batches (no Ray needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusion.align import PAD_ID, VocabBridge
+from fusion.config import AlignConfig, FuseConfig
+from fusion.fuse import MIXED
+from fusion.stages import _objects, align_row, fuse_batch
+
+
+def _batch():
+    ids = lambda rows: _objects([np.asarray(r, np.int32) for r in rows])  # noqa: E731
+    logits = lambda rows: _objects([np.asarray(r, np.float32) for r in rows])  # noqa: E731
+    return {
+        "id": np.asarray(["d:0"], dtype=object),
+        "input_ids": _objects([np.asarray([5, 6, 7], np.int32)]),
+        "target.topk_ids": ids([[[6, 1], [7, 2], [2, PAD_ID]]]),
+        "target.topk_logits": logits([[[2.0, 0.0], [1.0, 0.5], [1.0, -np.inf]]]),
+        "target.ce": np.asarray([1.0], np.float32),
+        "src.topk_ids": ids([[[1, 6], [7, 3], [PAD_ID, PAD_ID]]]),
+        "src.topk_logits": logits([[[3.0, 0.0], [4.0, 0.0], [-np.inf, -np.inf]]]),
+        "src.ce": np.asarray([2.0], np.float32),
+    }
+
+
+def test_sequence_min_ce_takes_one_candidate_for_the_whole_row():
+    out = fuse_batch(_batch(), ["target", "src"], FuseConfig(), "reference")
+    assert out["fused.choice"].tolist() == [0]
+    assert out["fused.topk_ids"][0].tolist() == [[6, 1], [7, 2], [2, PAD_ID]]
+
+
+def test_token_min_ce_mixes_candidates_by_position():
+    fuse = FuseConfig(granularity="token")
+    out = fuse_batch(_batch(), ["target", "src"], fuse, "clean")
+    # position 0 predicts 6: target gives it p=0.88, the source p=0.05; position 1 predicts 7:
+    # the source is surer; position 2 has no label and the source has nothing there.
+    assert out["fused.topk_ids"][0].tolist() == [[6, 1], [7, 3], [2, PAD_ID]]
+    assert out["fused.choice"].tolist() == [MIXED]
+
+
+def test_avg_ce_fuses_a_mixture_and_marks_it_mixed():
+    out = fuse_batch(_batch(), ["target", "src"], FuseConfig(method="avg_ce"), "clean")
+    first = out["fused.topk_ids"][0][0].tolist()
+    assert set(first) <= {6, 1}
+    assert np.exp(out["fused.topk_logits"][0][0]).sum() == pytest.approx(1.0, abs=1e-6)
+    assert out["fused.choice"].tolist() == [MIXED]
+
+
+def test_align_row_pairs_the_eos_tokens_after_the_text(golden):
+    vocab = golden["vocab"]
+    bridge = VocabBridge.build(vocab["source_vocab"], vocab["target_vocab"])
+    text = "Hello world"
+    target_ids = np.asarray([3, 4, 2])  # ▁Hello ▁world </s>
+    source_ids = np.asarray([1, 2, 0])  # Hello Ġworld <|endoftext|>
+    target_offsets = np.asarray([[0, 5], [5, 11]])
+    source_offsets = np.asarray([[0, 5], [5, 11]])
+    for method in ("dtw", "offsets"):
+        alignment = align_row(
+            bridge,
+            AlignConfig(method=method),
+            target_ids,
+            target_offsets,
+            source_ids,
+            source_offsets,
+            text,
+        )
+        assert alignment.target_to_source == [[0], [1], [2]]
+    without_source_eos = align_row(
+        bridge, AlignConfig(), target_ids, target_offsets, source_ids[:2], source_offsets, text
+    )
+    assert without_source_eos.target_to_source[-1] == []
