@@ -58,6 +58,9 @@ class SourceConfig(ModelConfig):
     """GPUs reserved per actor (fractions allowed)."""
     batch_size: Annotated[int, Field(ge=1)] = 8
     """Chunks per forward pass."""
+    max_length: Annotated[int, Field(ge=2)] | None = None
+    """Longest token sequence this model reads (default: its max_position_embeddings);
+    target positions beyond what it read get the one-hot fallback."""
 
     @field_validator("name")
     @classmethod

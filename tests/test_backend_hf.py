@@ -46,3 +46,12 @@ def test_nan_logits_are_refused_naming_the_row(model_dirs):
     ids, _ = reader.encode("hello there", has_eos=False)
     with pytest.raises(ModelOutputError, match=r"sources.2 produced NaN .* row 'doc:7'"):
         reader.read([ids], ["doc:7"])
+
+
+def test_a_source_reads_at_most_its_max_length(model_dirs):
+    from fusion.config import SourceConfig
+
+    source = SourceConfig(name="s", path=str(model_dirs["gpt2"]), max_length=4)
+    reader = HFTopK(source, "sources.0", num_gpus=0, top_k=3)
+    ids, offsets = reader.encode("a longer text than four tokens, surely", has_eos=True)
+    assert len(ids) == len(offsets) == 4  # truncated: no EOS either

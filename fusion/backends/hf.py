@@ -53,7 +53,9 @@ class HFTopK:
                 usable[token_id] = False
         self.masked = (~usable).to(self.device)
         self.any_masked = bool(self.masked.any())
-        self.max_length = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = getattr(model, "max_length", None) or getattr(
+            self.model.config, "max_position_embeddings", None
+        )
 
     def encode(self, text: str, has_eos: bool) -> tuple[np.ndarray, np.ndarray]:
         """This model's token ids (EOS appended when asked) and character offsets."""
