@@ -191,3 +191,26 @@ def estimate(
     typer.echo(
         f"rough wall time ≈ {result.seconds / 3600:.2f} h (the slowest stage; stages stream)"
     )
+
+
+@app.command("train")
+def train_command(
+    config_file: Annotated[
+        Path, typer.Argument(help="YAML run configuration with a train section.")
+    ],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-step lines.")] = False,
+) -> None:
+    """Train the target on prepared teacher data (Ray Train, DeepSpeed or DDP); resumable."""
+    from fusion.config import load_config
+    from fusion.errors import FusionError
+    from fusion.train import train
+
+    try:
+        summary = train(load_config(config_file), quiet=quiet)
+    except FusionError as error:
+        raise _fail(error) from None
+    typer.echo(
+        f"trained: {summary.steps} steps, {summary.tokens_seen:,} tokens, final loss "
+        f"{summary.final_loss if summary.final_loss is None else round(summary.final_loss, 4)}; "
+        f"model in {summary.export_dir}"
+    )

@@ -6,6 +6,7 @@ never a hub download (a hub id gets an immediate error instead of a retry loop).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -133,3 +134,8 @@ def vocab_list(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     for token, token_id in vocab.items():
         tokens[token_id] = token
     return tokens
+
+
+def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the token strings in id order: equal exactly when the ids mean the same."""
+    return hashlib.sha256("\n".join(vocab_list(tokenizer)).encode()).hexdigest()[:16]

@@ -21,7 +21,7 @@ from fusion.align import VocabBridge, detect_marker, exact_vocab_map, mined_voca
 from fusion.config import FusionConfig
 from fusion.corpus import CorpusError, plan_shards
 from fusion.errors import FusionError, user_error_from
-from fusion.models import check_model_folder, load_tokenizer, vocab_list
+from fusion.models import check_model_folder, load_tokenizer, vocab_fingerprint, vocab_list
 from fusion.output import OutputDir
 from fusion.rows import FUSED, TARGET, schema
 from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
@@ -293,6 +293,7 @@ def _finish(out, config, progress, shards, skipped, started, resolved) -> Prepar
         "rows": rows,
         "tokens": tokens,
         "top_k": config.align.top_k,
+        "target_vocab": vocab_fingerprint(load_tokenizer(config.target.path)),
         "candidates": candidates(config),
         "bytes_per_token": per_token,
         "shards": [

@@ -1,0 +1,64 @@
+"""Training batches from teacher rows: padded token ids, attention mask and sparse teacher.
+
+Rows arrive as Arrow tables (one chunk per row, real tokens only) and leave as tensors:
+``input_ids``/``attention_mask`` ``[B, L]`` right-padded, ``topk_ids``/``topk_logits``
+``[B, L, k]`` (absent entries: id -1, logit -inf) and ``teacher_mask`` ``[B, L]``. The teacher at
+position t stands for the student's prediction at position t (no shift, reference §7).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from fusion.align import PAD_ID
+
+
+def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The innermost values of a (nested) list column as one numpy array."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    while pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        array = array.flatten()
+    return array.to_numpy(zero_copy_only=False)
+
+
+def fallback_positions(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Positions whose teacher is the one-hot fallback: a single entry with logit 1.0.
+
+    Real top-k rows keep k entries (fewer only when mapped duplicates drop out), so a lone
+    entry of logit exactly 1.0 is the transfer's fallback, not a model's distribution.
+    """
+    present = ids != PAD_ID
+    return (present.sum(-1) == 1) & (logits[..., 0] == 1.0)
+
+
+def collate(
+    table: pa.Table, teacher: str, *, mask_fallback: bool = False
+) -> dict[str, torch.Tensor]:
+    """Pad a table of teacher rows into the tensors the objective takes."""
+    lengths = pc.list_value_length(table["input_ids"]).to_numpy()
+    batch, longest = len(lengths), int(lengths.max())
+    k = table.schema.field(f"{teacher}.topk_ids").type.value_type.list_size
+    rows = np.repeat(np.arange(batch), lengths)
+    cols = np.concatenate([np.arange(n) for n in lengths])
+    input_ids = np.zeros((batch, longest), dtype=np.int64)
+    input_ids[rows, cols] = _flat(table["input_ids"])
+    attention = np.zeros((batch, longest), dtype=np.int64)
+    attention[rows, cols] = 1
+    topk_ids = np.full((batch, longest, k), PAD_ID, dtype=np.int64)
+    topk_ids[rows, cols] = _flat(table[f"{teacher}.topk_ids"]).reshape(-1, k)
+    topk_logits = np.full((batch, longest, k), -np.inf, dtype=np.float32)
+    logits = _flat(table[f"{teacher}.topk_logits"]).astype(np.float32).reshape(-1, k)
+    topk_logits[rows, cols] = logits
+    teacher_mask = attention.astype(np.float32)
+    if mask_fallback:
+        teacher_mask[fallback_positions(topk_ids, topk_logits)] = 0.0
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "topk_ids": torch.from_numpy(topk_ids),
+        "topk_logits": torch.from_numpy(topk_logits),
+        "teacher_mask": torch.from_numpy(teacher_mask),
+    }

@@ -1,0 +1,173 @@
+"""`fusion train`: Ray Train (TorchTrainer) with DeepSpeed or DDP on prepared teacher data.
+
+The data set is checked against the target before any worker starts; checkpoints live under
+the storage path and a re-run with ``resume: auto`` continues from the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from fusion.config import FusionConfig, TrainConfig
+from fusion.errors import FusionError
+from fusion.models import load_tokenizer, vocab_fingerprint
+from fusion.pipeline import ClusterError, _ensure_ray
+from fusion.train_loop import total_steps, train_loop_per_worker
+
+RUN_NAME = "fusion-train"
+_READ_CPU = 0.25  # reservation of the Parquet read tasks feeding the workers
+
+
+class DatasetMismatchError(FusionError):
+    """Teacher data that does not belong to this target or configuration."""
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """Where the trained model went and how far training got."""
+
+    export_dir: str
+    steps: int
+    tokens_seen: int
+    final_loss: float | None
+
+
+def train_settings(run: FusionConfig) -> TrainConfig:
+    return run.train if run.train is not None else TrainConfig()
+
+
+def data_dir(run: FusionConfig) -> Path:
+    return Path(train_settings(run).data or run.output.dir)
+
+
+def storage_dir(run: FusionConfig) -> Path:
+    train = train_settings(run)
+    return Path(train.storage_path) if train.storage_path else data_dir(run) / "train"
+
+
+def check_dataset(run: FusionConfig) -> dict:
+    """The data set's manifest, after checking it fits the target and the teacher asked for."""
+    folder, teacher = data_dir(run), train_settings(run).teacher
+    manifest_file = folder / "manifest.json"
+    if not manifest_file.is_file():
+        raise DatasetMismatchError(
+            f"{folder} holds no complete prepared data set (no manifest.json): run "
+            "`fusion prepare` first, or point train.data at its output"
+        )
+    manifest = json.loads(manifest_file.read_text())
+    target = load_tokenizer(run.target.path, trust_remote_code=run.target.trust_remote_code)
+    if manifest.get("target_vocab") != vocab_fingerprint(target):
+        raise DatasetMismatchError(
+            f"{folder} was prepared for another target tokenizer (vocabulary "
+            f"{manifest.get('target_vocab')}, this target's {vocab_fingerprint(target)}): its "
+            "token ids would mean other tokens"
+        )
+    files = [folder / f["file"] for f in manifest["files"]]
+    missing_files = [str(f) for f in files if not f.is_file()]
+    if missing_files:
+        raise DatasetMismatchError(f"files listed in the manifest are missing: {missing_files[:3]}")
+    schema = pq.read_schema(files[0])
+    needed = ["input_ids", f"{teacher}.topk_ids", f"{teacher}.topk_logits"]
+    absent = [c for c in needed if c not in schema.names]
+    if absent:
+        teachers = sorted({n.split(".")[0] for n in schema.names if n.endswith(".topk_ids")})
+        raise DatasetMismatchError(
+            f"{files[0].name} lacks columns {absent}; train.teacher must be one of {teachers}"
+        )
+    k = schema.field(f"{teacher}.topk_ids").type.value_type.list_size
+    if k != manifest.get("top_k"):
+        raise DatasetMismatchError(
+            f"the files hold top-{k} teachers but the manifest says top-{manifest.get('top_k')}"
+        )
+    return manifest
+
+
+def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
+    """Train the target on the prepared data; return where the HF export went."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = train_settings(run)
+    run = run.model_copy(update={"train": train})
+    manifest = check_dataset(run)
+    total_steps(train, manifest["rows"])  # refuse a data set smaller than one global batch
+    storage = storage_dir(run).resolve()
+    if train.resume == "never" and (storage / RUN_NAME).exists():
+        raise FusionError(
+            f"{storage / RUN_NAME} holds an earlier run and train.resume is 'never': choose "
+            "another train.storage_path or set resume: auto"
+        )
+    storage.mkdir(parents=True, exist_ok=True)
+    ray = _ensure_ray(run)
+    _check_training_resources(train, ray.cluster_resources())
+    folder = data_dir(run)
+    dataset = ray.data.read_parquet(
+        [str(folder / f["file"]) for f in manifest["files"]],
+        columns=["id", "input_ids", f"{train.teacher}.topk_ids", f"{train.teacher}.topk_logits"],
+        ray_remote_args={"num_cpus": _READ_CPU},
+    )
+    export_dir = storage / "export"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "run": run.model_dump(mode="json"),
+            "rows": manifest["rows"],
+            "storage": str(storage),
+            "export_dir": str(export_dir),
+            "quiet": quiet,
+            "dataset": {
+                "path": str(folder),
+                "rows": manifest["rows"],
+                "tokens": manifest["tokens"],
+            },
+        },
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker}
+            | ({"GPU": 1} if train.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
+        datasets={"train": dataset},
+        # Every worker reads the whole set in file order and keeps its own rows of each batch:
+        # a deterministic order is what makes resuming exact.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[],
+            execution_options=ray.data.ExecutionOptions(preserve_order=True),
+        ),
+    )
+    trainer.fit()
+    summary = json.loads((export_dir / "training_summary.json").read_text())
+    losses = summary["losses"]
+    return TrainSummary(
+        export_dir=str(export_dir),
+        steps=summary["steps"],
+        tokens_seen=summary["tokens_seen"],
+        final_loss=losses[-1][1] if losses else None,
+    )
+
+
+def _check_training_resources(train: TrainConfig, available: dict[str, float]) -> None:
+    """Refuse workers that cannot all be placed, leaving room for the read tasks."""
+    cpus = train.num_workers * train.cpus_per_worker + _READ_CPU
+    if cpus > available.get("CPU", 0.0) + 1e-9:
+        raise ClusterError(
+            f"{train.num_workers} training workers × {train.cpus_per_worker:g} CPUs plus the "
+            f"data readers need {cpus:g} CPUs but the cluster has {available.get('CPU', 0):g}; "
+            "lower train.cpus_per_worker (fractions are allowed) or train.num_workers"
+        )
+    if train.use_gpu and train.num_workers > available.get("GPU", 0.0):
+        raise ClusterError(
+            f"train.use_gpu asks for {train.num_workers} GPUs (one per worker) but the cluster "
+            f"has {available.get('GPU', 0):g}"
+        )

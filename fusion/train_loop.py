@@ -1,0 +1,327 @@
+"""What every Ray Train worker runs: the target, its optimizer, the data shard and the loss.
+
+DeepSpeed (ZeRO 0–3) or DDP step the same objective. The data order is deterministic: every
+worker reads the whole materialised data set in file order, shuffled locally with a per-epoch
+seed, and takes every ``world``-th row of each global micro-batch. A checkpoint stores the
+engine state and the position in that order, so a resumed run sees exactly the batches an
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusion.batches import collate
+from fusion.config import FusionConfig, TrainConfig
+from fusion.loss import fusion_objective
+from fusion.optim import adamw, scheduler
+
+PROGRESS = "progress.json"
+STATE = "state"
+
+
+@dataclass
+class Progress:
+    """Where training stands: saved with every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    tokens_seen: int = 0
+    losses: list[list[float]] = field(default_factory=list)  # [step, loss] per logged step
+
+    @classmethod
+    def load(cls, folder: Path) -> Progress:
+        return cls(**json.loads((folder / PROGRESS).read_text()))
+
+
+def total_steps(train: TrainConfig, rows: int) -> int:
+    """Optimizer steps of the run: whole global batches per epoch, or max_steps."""
+    per_epoch = (rows // (train.micro_batch_size * train.num_workers)) // train.accumulation
+    if per_epoch == 0:
+        raise ValueError(
+            f"the data set has {rows} rows, fewer than one global batch of "
+            f"{train.global_batch_size}: lower train.global_batch_size"
+        )
+    steps = per_epoch * train.epochs
+    return min(steps, train.max_steps) if train.max_steps else steps
+
+
+class Engine:
+    """One interface over DeepSpeed and DDP: forward, backward, step, save, load, export."""
+
+    def __init__(self, run: FusionConfig, total: int):
+        import ray.train.torch
+        from transformers import AutoModelForCausalLM
+
+        self.train = run.train
+        self.device = ray.train.torch.get_device()
+        model = AutoModelForCausalLM.from_pretrained(
+            run.target.path, dtype=torch.float32, local_files_only=True
+        )
+        optimizer = adamw(model, self.train)
+        schedule = scheduler(optimizer, total, self.train)
+        self.bf16 = self.train.precision == "bf16"
+        if self.train.strategy == "deepspeed":
+            import deepspeed
+
+            self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model.to(self.device),
+                optimizer=optimizer,
+                lr_scheduler=schedule,
+                dist_init_required=False,
+                config={
+                    "train_micro_batch_size_per_gpu": self.train.micro_batch_size,
+                    "gradient_accumulation_steps": self.train.accumulation,
+                    "gradient_clipping": self.train.grad_clip,
+                    "zero_optimization": {"stage": self.train.zero_stage},
+                    "bf16": {"enabled": self.bf16},
+                    "zero_allow_untested_optimizer": True,
+                    "steps_per_print": 1 << 30,
+                },
+            )
+        else:
+            self.model = ray.train.torch.prepare_model(model)
+            self.optimizer, self.scheduler = optimizer, schedule
+        self.micro = 0
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def micro_step(self, batch: dict[str, torch.Tensor], lam: float, teacher_precision: str):
+        """Forward and backward one micro-batch; step the optimizer at accumulation boundaries.
+
+        Returns the detached loss parts and whether the optimizer stepped.
+        """
+        self.micro += 1
+        boundary = self.micro % self.train.accumulation == 0
+        deepspeed = self.train.strategy == "deepspeed"
+        sync = contextlib.nullcontext()
+        if not deepspeed and not boundary and hasattr(self.model, "no_sync"):
+            sync = self.model.no_sync()
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and not deepspeed
+        )
+        with sync, autocast:
+            logits = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            parts = fusion_objective(
+                logits,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["topk_ids"],
+                batch["topk_logits"],
+                batch["teacher_mask"],
+                lam=lam,
+                teacher_precision=teacher_precision,
+            )
+            if deepspeed:
+                self.model.backward(parts.total)  # scales by 1 / accumulation itself
+            else:
+                (parts.total / self.train.accumulation).backward()
+        if deepspeed:
+            self.model.step()  # a no-op between accumulation boundaries
+        elif boundary:
+            if self.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return parts, boundary
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def save(self, folder: Path, rank: int) -> None:
+        if self.train.strategy == "deepspeed":
+            self.model.save_checkpoint(str(folder), tag=STATE)
+        elif rank == 0:
+            torch.save(
+                {
+                    "model": self.module.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                folder / f"{STATE}.pt",
+            )
+
+    def load(self, folder: Path) -> None:
+        if self.train.strategy == "deepspeed":
+            self.model.load_checkpoint(str(folder), tag=STATE)
+            return
+        state = torch.load(folder / f"{STATE}.pt", map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        """The complete weights on every rank for the duration (gathers ZeRO-3 partitions)."""
+        if self.train.strategy == "deepspeed" and self.train.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+                yield self.module
+        else:
+            yield self.module
+
+
+@dataclass
+class _Window:
+    """Loss sums (this worker's) and tokens (all workers') since the last logged step."""
+
+    loss: float = 0.0
+    clm: float = 0.0
+    fusion: float = 0.0
+    tokens: int = 0
+    micro: int = 0
+
+    def add(self, parts) -> None:
+        self.loss += parts.total.item()
+        self.clm += parts.clm.item()
+        self.fusion += parts.fusion.item()
+        self.micro += 1
+
+    def means(self) -> dict[str, float]:
+        n = max(self.micro, 1)
+        return {"loss": self.loss / n, "clm_loss": self.clm / n, "fusion_loss": self.fusion / n}
+
+
+def _log_line(progress: Progress, total: int, metrics: dict) -> str:
+    return (
+        f"step {progress.step}/{total}  loss {metrics['loss']:.4f}  clm {metrics['clm_loss']:.4f}  "
+        f"fusion {metrics['fusion_loss']:.4f}  lr {metrics['lr']:.2e}  "
+        f"{metrics['tokens_per_s']:,.0f} tok/s"
+    )
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """The Ray Train entry point (``loop_config``: run config, row count, storage, quiet)."""
+    import ray.data
+    import ray.train
+    import torch.distributed as dist
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the step lines report
+    run = FusionConfig.model_validate(loop_config["run"])
+    train = run.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(train.seed)
+    total = total_steps(train, loop_config["rows"])
+    engine = Engine(run, total)
+    progress = Progress()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            engine.load(Path(folder))
+            progress = Progress.load(Path(folder))
+    metrics_file = Path(loop_config["storage"]) / "metrics.jsonl"
+    shard = ray.train.get_dataset_shard("train")
+    rows_per_micro = train.micro_batch_size * world
+    usable_micro = (
+        (loop_config["rows"] // rows_per_micro) // train.accumulation * train.accumulation
+    )
+    window, step_tokens = _Window(), 0
+    tick = time.perf_counter()
+
+    for epoch in range(progress.epoch, train.epochs):
+        if progress.step >= total:
+            break
+        batches = shard.iter_batches(
+            batch_size=rows_per_micro,
+            batch_format="pyarrow",
+            drop_last=True,
+            local_shuffle_buffer_size=max(rows_per_micro * 8, 256),
+            local_shuffle_seed=train.seed + epoch,
+        )
+        for index, table in enumerate(batches):
+            if index < progress.micro_in_epoch:
+                continue  # consumed before the checkpoint we resumed from
+            if index >= usable_micro or progress.step >= total:
+                break
+            mine = table.take(np.arange(rank, len(table), world))
+            batch = {
+                k: v.to(engine.device)
+                for k, v in collate(mine, train.teacher, mask_fallback=train.mask_fallback).items()
+            }
+            parts, stepped = engine.micro_step(batch, train.lam, train.teacher_precision)
+            window.add(parts)
+            step_tokens += int(batch["attention_mask"].sum())
+            progress.micro_in_epoch = index + 1
+            if not stepped:
+                continue
+            progress.step += 1
+            tokens = torch.tensor([step_tokens], dtype=torch.long)
+            if dist.is_initialized():
+                dist.all_reduce(tokens)  # every worker's real tokens of this step
+            progress.tokens_seen += int(tokens)
+            window.tokens += int(tokens)
+            step_tokens = 0
+            finished = progress.step >= total or (
+                progress.micro_in_epoch >= usable_micro and epoch + 1 == train.epochs
+            )
+            if (
+                progress.step % train.log_every
+                and progress.step % train.checkpoint_every
+                and not finished
+            ):
+                continue
+            elapsed = time.perf_counter() - tick
+            metrics = {
+                "step": progress.step,
+                "epoch": epoch,
+                **window.means(),
+                "lr": engine.lr(),
+                "tokens_seen": progress.tokens_seen,
+                "tokens_per_s": window.tokens / max(elapsed, 1e-9),
+            }
+            progress.losses.append([progress.step, metrics["loss"]])
+            if rank == 0:
+                with metrics_file.open("a") as stream:
+                    stream.write(json.dumps(metrics) + "\n")
+                if not loop_config["quiet"]:
+                    print(_log_line(progress, total, metrics), flush=True)
+            if progress.step % train.checkpoint_every == 0 or finished:
+                if progress.micro_in_epoch >= usable_micro:
+                    progress.epoch, progress.micro_in_epoch = epoch + 1, 0
+                _report_with_checkpoint(engine, progress, metrics, rank)
+            else:
+                ray.train.report(metrics)
+            window = _Window()
+            tick = time.perf_counter()
+        progress.epoch, progress.micro_in_epoch = epoch + 1, 0
+
+    if rank == 0 or (train.strategy == "deepspeed" and train.zero_stage == 3):
+        _export(engine, run, progress, loop_config, rank)
+
+
+def _report_with_checkpoint(engine: Engine, progress: Progress, metrics: dict, rank: int) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save(Path(folder), rank)
+        if rank == 0:
+            (Path(folder) / PROGRESS).write_text(json.dumps(progress.__dict__))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _export(
+    engine: Engine, run: FusionConfig, progress: Progress, loop_config: dict, rank: int
+) -> None:
+    from fusion.export import export_model
+
+    with engine.full_weights() as module:
+        if rank == 0:
+            export_model(
+                module, run, progress, Path(loop_config["export_dir"]), loop_config["dataset"]
+            )
