@@ -107,9 +107,9 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     _check_training_resources(train, ray.cluster_resources())
     folder = data_dir(run)
     dataset = ray.data.read_parquet(
-        [str(folder / f["file"]) for f in manifest["files"]],
-        columns=["id", "input_ids", f"{train.teacher}.topk_ids", f"{train.teacher}.topk_logits"],
-        ray_remote_args={"num_cpus": _READ_CPU},
+        [str(folder / f["file"]) for f in manifest["files"]], num_cpus=_READ_CPU
+    ).select_columns(
+        ["id", "input_ids", f"{train.teacher}.topk_ids", f"{train.teacher}.topk_logits"]
     )
     export_dir = storage / "export"
     trainer = TorchTrainer(

@@ -1,0 +1,167 @@
+"""`fusion train` on a real Ray instance with real DeepSpeed (gloo, CPU) and DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from fusion.batches import collate, fallback_positions
+from fusion.config import parse_config
+from fusion.pipeline import prepare
+from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
+from fusion.train import DatasetMismatchError, check_dataset, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prepared_world(tmp_path_factory, training_texts, ray_cluster):
+    """A Llama target, a GPT-2 source and their prepared teacher data (clean settings)."""
+    root = tmp_path_factory.mktemp("train-world")
+    target_tok = train_tokenizer(training_texts[:40], "metaspace", 600)
+    source_tok = train_tokenizer(training_texts[:40], "byte_level", 500)
+    save_model_dir(root / "target", tiny_causal_lm("llama", len(target_tok), seed=0), target_tok)
+    save_model_dir(root / "source", tiny_causal_lm("gpt2", len(source_tok), seed=1), source_tok)
+    with (root / "corpus.jsonl").open("w") as f:
+        for text in training_texts[40:70]:
+            f.write(json.dumps({"text": text[:1200]}) + "\n")
+    raw = {
+        "target": {"path": str(root / "target"), "num_cpus": 0.4},
+        "sources": [{"name": "src", "path": str(root / "source"), "num_cpus": 0.4}],
+        "data": {"paths": [str(root / "corpus.jsonl")], "max_length": 64},
+        "align": {"method": "offsets", "mode": "clean"},
+        "output": {"dir": str(root / "data"), "rows_per_file": 32},
+    }
+    prepare(parse_config(raw), quiet=True)
+    return root, raw
+
+
+def _with_train(raw: dict, storage: Path, **train) -> dict:
+    settings = {
+        "num_workers": 2,
+        "cpus_per_worker": 0.5,
+        "global_batch_size": 8,
+        "micro_batch_size": 2,
+        "lr": 3e-3,
+        "warmup_ratio": 0.1,
+        "checkpoint_every": 3,
+        "max_steps": 12,
+        "storage_path": str(storage),
+    }
+    return raw | {"train": settings | train}
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+@pytest.fixture(scope="module")
+def zero2_run(prepared_world, tmp_path_factory):
+    _, raw = prepared_world
+    storage = tmp_path_factory.mktemp("zero2")
+    summary = train(parse_config(_with_train(raw, storage)), quiet=True)
+    return raw, storage, summary
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed", "ddp"])
+def test_training_lowers_the_loss_and_exports_a_loadable_model(zero2_run, strategy, tmp_path):
+    raw, storage, summary = zero2_run
+    if strategy == "ddp":
+        storage = tmp_path / "ddp"
+        summary = train(parse_config(_with_train(raw, storage, strategy="ddp")), quiet=True)
+    metrics = [json.loads(line) for line in (storage / "metrics.jsonl").read_text().splitlines()]
+    assert summary.steps == 12 and [m["step"] for m in metrics] == list(range(1, 13))
+    first, last = metrics[0], metrics[-1]
+    assert last["loss"] < first["loss"] and last["fusion_loss"] < first["fusion_loss"]
+    assert all(k in first for k in ("clm_loss", "lr", "tokens_per_s", "tokens_seen"))
+    export = Path(summary.export_dir)
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert model(torch.tensor([[1, 5, 9]])).logits.shape[-1] == model.config.vocab_size
+    card = (export / "README.md").read_text()
+    assert "λ:** 0.9" in card and "src" in card and "tokens seen" in card
+    assert (
+        yaml.safe_load((export / "fusion-config.yaml").read_text())["train"]["strategy"] == strategy
+    )
+    assert (export / "tokenizer.json").is_file()
+
+
+def test_killed_training_resumes_to_the_same_weights(zero2_run, tmp_path):
+    from tests.test_pipeline import ray_address
+
+    raw, _, uninterrupted = zero2_run
+    storage = tmp_path / "killed"
+    config = _with_train(raw, storage) | {"ray": {"address": ray_address()}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("fusion")), "train", str(tmp_path / "run.yaml"), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints = storage / "fusion-train"
+    deadline = time.monotonic() + 300
+    while not any(checkpoints.glob("checkpoint_*/progress.json")):
+        assert process.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (storage / "export").exists()
+
+    resumed = train(parse_config(_with_train(raw, storage)), quiet=True)
+    assert resumed.steps == uninterrupted.steps
+    steps = [
+        json.loads(line)["step"] for line in (storage / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert set(steps) == set(range(1, 13))  # every step logged, across the two runs
+    assert steps.count(1) == 1  # the second run continued from a checkpoint, not from scratch
+    expected, got = _weights(Path(uninterrupted.export_dir)), _weights(Path(resumed.export_dir))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_data_for_another_target_or_teacher_is_refused_before_training(prepared_world, tmp_path):
+    root, raw = prepared_world
+    other = train_tokenizer(["completely different text " * 50], "metaspace", 300)
+    save_model_dir(tmp_path / "other", tiny_causal_lm("llama", len(other)), other)
+    wrong_target = raw | {"target": {"path": str(tmp_path / "other")}, "train": {}}
+    with pytest.raises(DatasetMismatchError, match="prepared for another target tokenizer"):
+        check_dataset(parse_config(wrong_target))
+    wrong_teacher = raw | {"train": {"teacher": "nobody"}}
+    with pytest.raises(
+        DatasetMismatchError, match=r"lacks columns .* one of \['fused', 'src', 'target'\]"
+    ):
+        check_dataset(parse_config(wrong_teacher))
+    nowhere = raw | {"train": {"data": str(tmp_path / "empty")}}
+    with pytest.raises(DatasetMismatchError, match="run `fusion prepare` first"):
+        check_dataset(parse_config(nowhere))
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    bad_k = root / "bad-k"
+    bad_k.mkdir()
+    (bad_k / "data").symlink_to(root / "data" / "data")
+    (bad_k / "manifest.json").write_text(json.dumps(manifest | {"top_k": 5}))
+    with pytest.raises(DatasetMismatchError, match="top-10 teachers but the manifest says top-5"):
+        check_dataset(parse_config(raw | {"train": {"data": str(bad_k)}}))
+
+
+def test_collate_pads_rows_and_finds_fallback_positions(prepared_world):
+    import pyarrow.parquet as pq
+
+    root, _ = prepared_world
+    table = pq.read_table(root / "data" / "data").slice(0, 3)
+    batch = collate(table, "src", mask_fallback=True)
+    lengths = [len(x) for x in table["input_ids"].to_pylist()]
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["input_ids"].shape == batch["topk_ids"].shape[:2] == (3, max(lengths))
+    ids, logits = batch["topk_ids"].numpy(), batch["topk_logits"].numpy()
+    assert (batch["teacher_mask"].numpy()[fallback_positions(ids, logits)] == 0).all()
+    assert 0 < batch["teacher_mask"].sum() < batch["attention_mask"].sum()
