@@ -214,3 +214,25 @@ def train_command(
         f"{summary.final_loss if summary.final_loss is None else round(summary.final_loss, 4)}; "
         f"model in {summary.export_dir}"
     )
+
+
+@app.command("run")
+def run_command(
+    config_file: Annotated[
+        Path, typer.Argument(help="YAML run configuration with a train section.")
+    ],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Stream the prepare pipeline straight into training: no intermediate files."""
+    from fusion.config import load_config
+    from fusion.errors import FusionError
+    from fusion.run import run
+
+    try:
+        summary = run(load_config(config_file), quiet=quiet)
+    except FusionError as error:
+        raise _fail(error) from None
+    typer.echo(
+        f"trained: {summary.steps} steps, {summary.tokens_seen:,} tokens; "
+        f"model in {summary.export_dir}"
+    )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from fusion import __version__
 from fusion.align import VocabBridge, detect_marker, exact_vocab_map, mined_vocab_map
 from fusion.config import FusionConfig
-from fusion.corpus import CorpusError, plan_shards
+from fusion.corpus import CorpusError, Shard, plan_shards
 from fusion.errors import FusionError, user_error_from
 from fusion.models import check_model_folder, load_tokenizer, vocab_fingerprint, vocab_list
 from fusion.output import OutputDir
@@ -97,23 +97,29 @@ def build_bridges(config: FusionConfig) -> dict[str, VocabBridge]:
     return bridges
 
 
-def check_cluster(config: FusionConfig, available: dict[str, float]) -> None:
-    """Refuse a config whose actors cannot all be placed: Ray would wait forever."""
-    cpus = 2 * _SMALL_CPU + sum(_SMALL_CPU + s.num_cpus * s.actors for s in config.sources)
-    gpus = sum(s.num_gpus * s.actors for s in config.sources)
+def check_cluster(
+    config: FusionConfig, available: dict[str, float], *, also: tuple[float, float] = (0.0, 0.0)
+) -> None:
+    """Refuse a config whose actors (plus ``also``: CPUs, GPUs of training workers) cannot
+    all be placed: Ray would wait forever instead of failing."""
+    cpus = (
+        also[0] + 2 * _SMALL_CPU + sum(_SMALL_CPU + s.num_cpus * s.actors for s in config.sources)
+    )
+    gpus = also[1] + sum(s.num_gpus * s.actors for s in config.sources)
     if config.target.as_teacher:
         cpus += config.target.num_cpus
         gpus += config.target.num_gpus
     have_cpus, have_gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
     if gpus > have_gpus:
         raise ClusterError(
-            f"the config asks for {gpus:g} GPUs (num_gpus × actors of target and sources) but "
+            f"the config asks for {gpus:g} GPUs (model actors and training workers) but "
             f"the cluster has {have_gpus:g}; lower num_gpus or add GPU nodes"
         )
     if cpus > have_cpus + 1e-9:
         raise ClusterError(
-            f"the config's actors need {cpus:g} CPUs but the cluster has {have_cpus:g}; lower "
-            "num_cpus (fractions are allowed) or actors per source, or add nodes"
+            f"the config's actors and workers need {cpus:g} CPUs but the cluster has "
+            f"{have_cpus:g}; lower num_cpus / cpus_per_worker (fractions are allowed) or actors "
+            "per source, or add nodes"
         )
 
 
@@ -128,6 +134,67 @@ def _ensure_ray(config: FusionConfig):
             log_to_driver=False,
         )
     return ray
+
+
+def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, set[str]]):
+    """The lazy Ray Dataset of fused teacher rows for ``shards`` (rows in ``done`` skipped)."""
+    import ray
+
+    bridges = build_bridges(config)
+    pool = ray.data.ActorPoolStrategy
+    descriptors = [
+        {
+            "index": s.index,
+            "path": s.path,
+            "format": s.format,
+            "row_group": s.row_group if s.row_group is not None else -1,
+        }
+        for s in shards
+    ]
+    dataset = ray.data.from_items(descriptors, override_num_blocks=len(shards)).map_batches(
+        ChunkStage,
+        fn_constructor_kwargs={"target": config.target, "data": config.data, "done_ids": done},
+        batch_size=1,
+        compute=pool(size=1),
+        num_cpus=_SMALL_CPU,
+    )
+    models = [(TARGET, config.target, 1)] if config.target.as_teacher else []
+    models += [(s.name, s, s.actors) for s in config.sources]
+    for name, model, actors in models:
+        dataset = dataset.map_batches(
+            ForwardStage,
+            fn_constructor_kwargs={
+                "name": name,
+                "model": model,
+                "num_cpus": model.num_cpus,
+                "num_gpus": model.num_gpus,
+                "top_k": config.align.top_k,
+            },
+            batch_size=model.batch_size,
+            compute=pool(size=actors),
+            num_cpus=model.num_cpus,
+            num_gpus=model.num_gpus,
+        )
+        if name != TARGET:
+            dataset = dataset.map_batches(
+                AlignStage,
+                fn_constructor_kwargs={
+                    "name": name,
+                    "bridge": bridges[name],
+                    "align": config.align,
+                },
+                compute=pool(size=1),
+                num_cpus=_SMALL_CPU,
+            )
+    return dataset.map_batches(
+        fuse_batch,
+        fn_kwargs={
+            "candidates": candidates(config),
+            "fuse": config.fuse,
+            "mode": config.align.mode,
+        },
+        num_cpus=_SMALL_CPU,
+    )
 
 
 def prepare(
@@ -158,75 +225,10 @@ def prepare(
 
     if todo:
         ray = _ensure_ray(config)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = not quiet
+        ray.data.DataContext.get_current().enable_progress_bars = not quiet
         check_cluster(config, ray.cluster_resources())
-        bridges = build_bridges(config)
-        pool = ray.data.ActorPoolStrategy
-        dataset = ray.data.from_items(
-            [
-                {
-                    "index": s.index,
-                    "path": s.path,
-                    "format": s.format,
-                    "row_group": s.row_group if s.row_group is not None else -1,
-                }
-                for s in todo
-            ],
-            override_num_blocks=len(todo),
-        )
         done = {s: ids for s, ids in progress.done_ids.items() if s not in complete}
-        dataset = dataset.map_batches(
-            ChunkStage,
-            fn_constructor_kwargs={"target": config.target, "data": config.data, "done_ids": done},
-            batch_size=1,
-            compute=pool(size=1),
-            num_cpus=_SMALL_CPU,
-        )
-        if config.target.as_teacher:
-            dataset = dataset.map_batches(
-                ForwardStage,
-                fn_constructor_kwargs={
-                    "name": TARGET,
-                    "model": config.target,
-                    "num_cpus": config.target.num_cpus,
-                    "num_gpus": config.target.num_gpus,
-                    "top_k": config.align.top_k,
-                },
-                batch_size=config.target.batch_size,
-                compute=pool(size=1),
-                num_cpus=config.target.num_cpus,
-                num_gpus=config.target.num_gpus,
-            )
-        for source in config.sources:
-            dataset = dataset.map_batches(
-                ForwardStage,
-                fn_constructor_kwargs={
-                    "name": source.name,
-                    "model": source,
-                    "num_cpus": source.num_cpus,
-                    "num_gpus": source.num_gpus,
-                    "top_k": config.align.top_k,
-                },
-                batch_size=source.batch_size,
-                compute=pool(size=source.actors),
-                num_cpus=source.num_cpus,
-                num_gpus=source.num_gpus,
-            ).map_batches(
-                AlignStage,
-                fn_constructor_kwargs={
-                    "name": source.name,
-                    "bridge": bridges[source.name],
-                    "align": config.align,
-                },
-                compute=pool(size=1),
-                num_cpus=_SMALL_CPU,
-            )
-        dataset = dataset.map_batches(
-            fuse_batch,
-            fn_kwargs={"candidates": names, "fuse": config.fuse, "mode": config.align.mode},
-            num_cpus=_SMALL_CPU,
-        ).map_batches(
+        dataset = teacher_dataset(config, todo, done).map_batches(
             write_batch,
             fn_kwargs={
                 "out_dir": out.path,

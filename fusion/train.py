@@ -88,21 +88,12 @@ def check_dataset(run: FusionConfig) -> dict:
 
 def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     """Train the target on the prepared data; return where the HF export went."""
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    import ray.data
 
     train = train_settings(run)
     run = run.model_copy(update={"train": train})
     manifest = check_dataset(run)
     total_steps(train, manifest["rows"])  # refuse a data set smaller than one global batch
-    storage = storage_dir(run).resolve()
-    if train.resume == "never" and (storage / RUN_NAME).exists():
-        raise FusionError(
-            f"{storage / RUN_NAME} holds an earlier run and train.resume is 'never': choose "
-            "another train.storage_path or set resume: auto"
-        )
-    storage.mkdir(parents=True, exist_ok=True)
     ray = _ensure_ray(run)
     _check_training_resources(train, ray.cluster_resources())
     folder = data_dir(run)
@@ -111,20 +102,43 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     ).select_columns(
         ["id", "input_ids", f"{train.teacher}.topk_ids", f"{train.teacher}.topk_logits"]
     )
+    info = {"path": str(folder), "rows": manifest["rows"], "tokens": manifest["tokens"]}
+    return fit(run, dataset, rows=manifest["rows"], dataset_info=info, quiet=quiet)
+
+
+def fit(
+    run: FusionConfig, dataset, *, rows: int | None, dataset_info: dict, quiet: bool
+) -> TrainSummary:
+    """Run the TorchTrainer over ``dataset``; ``rows=None`` means a streamed, split dataset.
+
+    A materialised data set (``rows`` known) is read whole by every worker in file order,
+    each keeping its own rows of each global micro-batch: a deterministic order is what makes
+    resuming exact. A streamed one is split between the workers as it arrives.
+    """
+    import ray.data
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = run.train
+    storage = storage_dir(run).resolve()
+    if train.resume == "never" and (storage / RUN_NAME).exists():
+        raise FusionError(
+            f"{storage / RUN_NAME} holds an earlier run and train.resume is 'never': choose "
+            "another train.storage_path or set resume: auto"
+        )
+    storage.mkdir(parents=True, exist_ok=True)
     export_dir = storage / "export"
+    streamed = rows is None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "run": run.model_dump(mode="json"),
-            "rows": manifest["rows"],
+            "rows": rows,
             "storage": str(storage),
             "export_dir": str(export_dir),
             "quiet": quiet,
-            "dataset": {
-                "path": str(folder),
-                "rows": manifest["rows"],
-                "tokens": manifest["tokens"],
-            },
+            "dataset": dataset_info,
         },
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
@@ -139,11 +153,9 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),
         datasets={"train": dataset},
-        # Every worker reads the whole set in file order and keeps its own rows of each batch:
-        # a deterministic order is what makes resuming exact.
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=[],
-            execution_options=ray.data.ExecutionOptions(preserve_order=True),
+            datasets_to_split="all" if streamed else [],
+            execution_options=ray.data.ExecutionOptions(preserve_order=not streamed),
         ),
     )
     trainer.fit()

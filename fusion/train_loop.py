@@ -43,8 +43,13 @@ class Progress:
         return cls(**json.loads((folder / PROGRESS).read_text()))
 
 
-def total_steps(train: TrainConfig, rows: int) -> int:
-    """Optimizer steps of the run: whole global batches per epoch, or max_steps."""
+def total_steps(train: TrainConfig, rows: int | None) -> int:
+    """Optimizer steps of the run: whole global batches per epoch, or max_steps.
+
+    A streamed run (``rows=None``) does not know its size in advance: max_steps sets it.
+    """
+    if rows is None:
+        return train.max_steps
     per_epoch = (rows // (train.micro_batch_size * train.num_workers)) // train.accumulation
     if per_epoch == 0:
         raise ValueError(
@@ -227,9 +232,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             progress = Progress.load(Path(folder))
     metrics_file = Path(loop_config["storage"]) / "metrics.jsonl"
     shard = ray.train.get_dataset_shard("train")
-    rows_per_micro = train.micro_batch_size * world
+    streamed = loop_config["rows"] is None
+    # Materialised: every worker reads every row and keeps its own of each global micro-batch.
+    # Streamed: the workers' shards are already split, each micro-batch is all this worker's.
+    rows_per_micro = train.micro_batch_size * (1 if streamed else world)
     usable_micro = (
-        (loop_config["rows"] // rows_per_micro) // train.accumulation * train.accumulation
+        float("inf")
+        if streamed
+        else (loop_config["rows"] // rows_per_micro) // train.accumulation * train.accumulation
     )
     window, step_tokens = _Window(), 0
     tick = time.perf_counter()
@@ -241,15 +251,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batch_size=rows_per_micro,
             batch_format="pyarrow",
             drop_last=True,
-            local_shuffle_buffer_size=max(rows_per_micro * 8, 256),
-            local_shuffle_seed=train.seed + epoch,
+            local_shuffle_buffer_size=None if streamed else max(rows_per_micro * 8, 256),
+            local_shuffle_seed=None if streamed else train.seed + epoch,
         )
         for index, table in enumerate(batches):
             if index < progress.micro_in_epoch:
                 continue  # consumed before the checkpoint we resumed from
             if index >= usable_micro or progress.step >= total:
                 break
-            mine = table.take(np.arange(rank, len(table), world))
+            mine = table if streamed else table.take(np.arange(rank, len(table), world))
             batch = {
                 k: v.to(engine.device)
                 for k, v in collate(mine, train.teacher, mask_fallback=train.mask_fallback).items()

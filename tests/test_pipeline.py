@@ -277,3 +277,40 @@ def test_estimate_predicts_tokens_and_bounds_disk_before_running(world, prepared
     )
     assert cli.exit_code == 0, cli.output
     assert "target tokens" in cli.output and "per actor" in cli.output
+
+
+def test_fusion_run_streams_three_sources_into_a_trained_model(world, ray_cluster, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    raw = _raw_config(world, tmp_path / "unused")
+    for model in [raw["target"], *raw["sources"]]:
+        model["num_cpus"] = 0.25
+    raw["train"] = {
+        "num_workers": 2,
+        "cpus_per_worker": 0.2,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "lr": 3e-3,
+        "max_steps": 4,
+        "checkpoint_every": 2,
+        "storage_path": str(tmp_path / "train"),
+    }
+    result = CliRunner().invoke(app, ["run", _write(raw, tmp_path / "run.yaml"), "-q"])
+    assert result.exit_code == 0, result.output
+    export = tmp_path / "train" / "export"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert model.config.vocab_size >= 700
+    assert "coder" in (export / "README.md").read_text()
+    assert yaml.safe_load((export / "fusion-config.yaml").read_text())["train"]["max_steps"] == 4
+    assert not (tmp_path / "unused").exists()  # nothing materialised
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [({}, "train.max_steps: required"), ({"max_steps": 3, "epochs": 2}, "train.epochs: .* once")],
+)
+def test_fusion_run_needs_max_steps_and_one_epoch(world, tmp_path, train, message):
+    raw = _raw_config(world, tmp_path / "out") | {"train": train}
+    result = CliRunner().invoke(app, ["run", _write(raw, tmp_path / "run.yaml")])
+    assert result.exit_code == 2
+    assert re.search(message, result.output), result.output

@@ -1,0 +1,67 @@
+"""`fusion run`: the prepare pipeline streamed straight into training, no intermediate files.
+
+The fused teacher rows flow from the Ray Data pipeline to the training workers as they are
+made; model actors and training workers share the cluster, so their CPU and GPU requests are
+checked together up front. The number of rows is not known before the stream ends, so
+``train.max_steps`` sets the schedule. Resuming continues from the latest checkpoint's weights,
+optimizer and step, and skips as many rows of the new stream as were consumed; the stream's
+order is not reproducible, so for an exactly reproducible resume, materialise with
+`fusion prepare` and `fusion train`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from fusion.config import ConfigError, FusionConfig
+from fusion.corpus import plan_shards
+from fusion.models import check_model_folder
+from fusion.pipeline import _SMALL_CPU, _ensure_ray, candidates, check_cluster, teacher_dataset
+from fusion.rows import FUSED, schema, to_table
+from fusion.train import TrainSummary, _check_training_resources, fit, train_settings
+
+
+def training_rows(batch: dict[str, np.ndarray], table_schema, top_k: int):
+    """The columns training reads, as a row-contract Arrow table."""
+    return to_table(batch, table_schema, top_k)
+
+
+def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
+    """Stream fused teacher rows into the trainer; return where the HF export went."""
+    train = train_settings(config)
+    if train.max_steps is None:
+        raise ConfigError(
+            "train.max_steps: required by `fusion run`, which cannot count its rows before the "
+            "stream ends (`fusion estimate` predicts the tokens)"
+        )
+    if train.epochs != 1:
+        raise ConfigError(
+            "train.epochs: `fusion run` reads the corpus once; for several epochs, materialise "
+            "with `fusion prepare` and use `fusion train`"
+        )
+    config = config.model_copy(update={"train": train})
+    check_model_folder(config.target, "target")
+    for index, source in enumerate(config.sources):
+        check_model_folder(source, f"sources.{index}")
+    shards = plan_shards(config.data)
+    ray = _ensure_ray(config)
+    ray.data.DataContext.get_current().enable_progress_bars = not quiet
+    workers = (train.num_workers * train.cpus_per_worker, train.num_workers * train.use_gpu)
+    check_cluster(config, ray.cluster_resources(), also=workers)
+    _check_training_resources(train, ray.cluster_resources())
+    teacher = train.teacher
+    if teacher not in [*candidates(config), FUSED]:
+        raise ConfigError(
+            f"train.teacher: {teacher!r} is not one of {[*candidates(config), FUSED]}"
+        )
+    full = schema([*candidates(config), FUSED], config.align.top_k)
+    needed = ["id", "input_ids", f"{teacher}.topk_ids", f"{teacher}.topk_logits"]
+    rows_schema = pa.schema([full.field(name) for name in needed])
+    dataset = teacher_dataset(config, shards, {}).map_batches(
+        training_rows,
+        fn_kwargs={"table_schema": rows_schema, "top_k": config.align.top_k},
+        num_cpus=_SMALL_CPU,
+    )
+    info = {"path": f"streamed from {config.data.paths}", "rows": None, "tokens": None}
+    return fit(config, dataset, rows=None, dataset_info=info, quiet=quiet)
