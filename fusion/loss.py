@@ -17,18 +17,24 @@ TeacherPrecision = Literal["fp32", "bf16"]
 _CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the log-normaliser (64 MiB in float32)
 
 
+def _chunked_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last axis, rows flattened, a chunk of rows at a time."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
+    acc = accumulation_dtype(logits)
+    out = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
+    for start in range(0, rows.shape[0], step):
+        out[start : start + step] = torch.logsumexp(rows[start : start + step].to(acc), -1)
+    return out
+
+
 class _LogSumExp(torch.autograd.Function):
     """``logsumexp(z, -1)`` in float32 (or wider), chunked over rows; softmax is recomputed in
     backward instead of being stored."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
-        rows = logits.reshape(-1, logits.shape[-1])
-        step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
-        acc = accumulation_dtype(logits)
-        out = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
-        for start in range(0, rows.shape[0], step):
-            out[start : start + step] = torch.logsumexp(rows[start : start + step].to(acc), -1)
+        out = _chunked_logsumexp(logits)
         ctx.save_for_backward(logits, out)
         return out.reshape(logits.shape[:-1])
 
@@ -86,6 +92,19 @@ def _check_teacher(
         )
 
 
+def _teacher_probs(
+    topk_logits: torch.Tensor, acc: torch.dtype, teacher_precision: TeacherPrecision
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Renormalised teacher probabilities (0 where absent) and whether a position has any."""
+    present = topk_logits > float("-inf")
+    has_teacher = present.any(-1)
+    teacher = torch.softmax(topk_logits.to(acc).masked_fill(~has_teacher[..., None], 0.0), -1)
+    teacher = teacher.masked_fill(~present, 0.0)
+    if teacher_precision == "bf16":
+        teacher = teacher.to(torch.bfloat16).to(acc)
+    return teacher, has_teacher
+
+
 def sparse_fusion_loss(
     student_logits: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -106,13 +125,8 @@ def sparse_fusion_loss(
     """
     if check_inputs:
         _check_teacher(student_logits, topk_ids, topk_logits, mask)
-    present = topk_logits > float("-inf")
-    has_teacher = present.any(-1)
     acc = accumulation_dtype(student_logits)
-    teacher = torch.softmax(topk_logits.to(acc).masked_fill(~has_teacher[..., None], 0.0), -1)
-    teacher = teacher.masked_fill(~present, 0.0)
-    if teacher_precision == "bf16":
-        teacher = teacher.to(torch.bfloat16).to(acc)
+    teacher, has_teacher = _teacher_probs(topk_logits, acc, teacher_precision)
     if lse is None:
         lse = log_normaliser(student_logits)
     picked = student_logits.gather(-1, topk_ids.long().clamp_min(0)).to(acc)
@@ -148,6 +162,53 @@ class LossParts:
     fusion: torch.Tensor
 
 
+class _FusedObjective(torch.autograd.Function):
+    """λ·Σ_t a_t·(lse_t − z_t[label_t]) + (1−λ)·Σ_t b_t·(lse_t·Σq_t − Σ_k q_tk·z_t[id_tk]).
+
+    ``a``/``b`` are the masks of the two pieces divided by their counts (masked means).
+    Forward keeps only per-position values; backward writes the logits' gradient chunk by
+    chunk, ``(λa + (1−λ)b·Σq)·softmax(z) − λa·onehot(label) − (1−λ)b·q at the k ids``, so no
+    tensor of the logits' size exists besides the logits and their gradient. Returns the
+    total and, for logging, the two unweighted means.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, clm_norm, topk_ids, teacher, fusion_norm, lam):
+        rows = logits.reshape(-1, logits.shape[-1])
+        lse = _chunked_logsumexp(logits)
+        label_logit = rows.gather(-1, labels.reshape(-1, 1)).squeeze(-1).to(lse.dtype)
+        topk_logit = rows.gather(-1, topk_ids.reshape(rows.shape[0], -1)).to(lse.dtype)
+        q = teacher.reshape(rows.shape[0], -1)
+        a, b = clm_norm.reshape(-1), fusion_norm.reshape(-1)
+        clm = (a * (lse - label_logit)).sum()
+        fusion = (b * (lse * q.sum(-1) - (q * topk_logit).sum(-1))).sum()
+        ctx.save_for_backward(logits, lse, labels, a, topk_ids, q, b)
+        ctx.lam = lam
+        ctx.mark_non_differentiable(clm, fusion)
+        return lam * clm + (1 - lam) * fusion, clm, fusion
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_clm, _grad_fusion):
+        logits, lse, labels, a, topk_ids, q, b = ctx.saved_tensors
+        a, b = ctx.lam * a, (1 - ctx.lam) * b
+        rows = logits.reshape(-1, logits.shape[-1])
+        ids, labels = topk_ids.reshape(rows.shape[0], -1), labels.reshape(-1)
+        out = torch.empty_like(rows)
+        step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
+        a, b = a * grad_total, b * grad_total
+        in_place = out.dtype == lse.dtype  # write straight into the gradient, no temporaries
+        for start in range(0, rows.shape[0], step):
+            chunk = slice(start, start + step)
+            grad = out[chunk] if in_place else torch.empty_like(rows[chunk], dtype=lse.dtype)
+            torch.sub(rows[chunk].to(lse.dtype), lse[chunk, None], out=grad)
+            grad.exp_().mul_((a[chunk] + b[chunk] * q[chunk].sum(-1))[:, None])
+            grad.scatter_add_(1, labels[chunk, None], -a[chunk, None])
+            grad.scatter_add_(1, ids[chunk], -(b[chunk, None] * q[chunk]))
+            if not in_place:
+                out[chunk] = grad.to(out.dtype)
+        return out.reshape(logits.shape), None, None, None, None, None, None
+
+
 def fusion_objective(
     student_logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -160,18 +221,29 @@ def fusion_objective(
     teacher_precision: TeacherPrecision = "fp32",
     check_inputs: bool = True,
 ) -> LossParts:
-    """``λ·L_CLM + (1−λ)·L_fusion`` sharing one log-normaliser between the two pieces."""
+    """``λ·L_CLM + (1−λ)·L_fusion`` as one fused pass over the logits.
+
+    Equal to ``λ·clm_loss(...) + (1−λ)·sparse_fusion_loss(...)`` (masked means over their
+    own positions), but the backward builds the logits' gradient directly: the step costs
+    about what the CLM loss alone costs, in time and in memory.
+    """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam (λ) must lie in [0, 1], got {lam}")
-    lse = log_normaliser(student_logits)
-    clm = clm_loss(student_logits, input_ids, attention_mask, lse=lse)
-    fusion = sparse_fusion_loss(
+    fusion_mask = teacher_mask * attention_mask
+    if check_inputs:
+        _check_teacher(student_logits, topk_ids, topk_logits, fusion_mask)
+    acc = accumulation_dtype(student_logits)
+    teacher, has_teacher = _teacher_probs(topk_logits, acc, teacher_precision)
+    labels = torch.nn.functional.pad(input_ids[:, 1:].long(), (0, 1))  # last position: none
+    clm_mask = torch.nn.functional.pad(attention_mask[:, 1:].to(acc), (0, 1))
+    fusion_mask = fusion_mask.to(acc) * has_teacher.to(acc)
+    total, clm, fusion = _FusedObjective.apply(
         student_logits,
-        topk_ids,
-        topk_logits,
-        teacher_mask * attention_mask,
-        teacher_precision=teacher_precision,
-        lse=lse,
-        check_inputs=check_inputs,
+        labels,
+        clm_mask / clm_mask.sum().clamp_min(1.0),
+        topk_ids.long().clamp_min(0),
+        teacher,
+        fusion_mask / fusion_mask.sum().clamp_min(1.0),
+        lam,
     )
-    return LossParts(total=lam * clm + (1 - lam) * fusion, clm=clm, fusion=fusion)
+    return LossParts(total=total, clm=clm, fusion=fusion)

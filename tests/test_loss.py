@@ -112,3 +112,39 @@ def test_lambda_outside_unit_interval_is_rejected():
 def test_bad_teacher_data_raises_value_error(corrupt, message):
     with pytest.raises(ValueError, match=message):
         sparse_fusion_loss(*corrupt(*_teacher()))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.9, 1.0])
+def test_fused_objective_equals_its_two_pieces_in_value_and_gradient(lam):
+    student, ids, logits, mask = _teacher(seed=5)
+    input_ids = torch.randint(
+        0, student.shape[-1], student.shape[:2], generator=torch.Generator().manual_seed(2)
+    )
+    attention = torch.ones_like(mask)
+    attention[0, -2:] = 0  # padding at the end of the first row
+    fused_student = student.clone().requires_grad_(True)
+    plain_student = student.clone().requires_grad_(True)
+    parts = fusion_objective(fused_student, input_ids, attention, ids, logits, mask, lam=lam)
+    clm = clm_loss(plain_student, input_ids, attention)
+    fusion = sparse_fusion_loss(plain_student, ids, logits, mask * attention)
+    expected = lam * clm + (1 - lam) * fusion
+    parts.total.backward()
+    expected.backward()
+    assert parts.total.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert parts.clm.item() == pytest.approx(clm.item(), rel=1e-12)
+    assert parts.fusion.item() == pytest.approx(fusion.item(), rel=1e-12)
+    torch.testing.assert_close(fused_student.grad, plain_student.grad, rtol=0, atol=1e-12)
+
+
+def test_fused_objective_on_bf16_logits_matches_float32():
+    student, ids, logits, mask = _teacher(seed=6)
+    input_ids = torch.randint(0, student.shape[-1], student.shape[:2])
+    half = student.to(torch.bfloat16).requires_grad_(True)
+    wide = half.detach().double().requires_grad_(True)
+    fused = fusion_objective(half, input_ids, torch.ones_like(mask), ids, logits.float(), mask)
+    reference = fusion_objective(wide, input_ids, torch.ones_like(mask), ids, logits, mask)
+    fused.total.backward()
+    reference.total.backward()
+    assert fused.total.item() == pytest.approx(reference.total.item(), rel=1e-5)
+    assert half.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(half.grad.double(), wide.grad, rtol=2e-2, atol=1e-3)
