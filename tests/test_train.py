@@ -107,9 +107,8 @@ def test_killed_training_resumes_to_the_same_weights(zero2_run, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    checkpoints = storage / "fusion-train"
     deadline = time.monotonic() + 300
-    while not any(checkpoints.glob("checkpoint_*/progress.json")):
+    while not _registered_checkpoint(storage / "fusion-train"):
         assert process.poll() is None, "training ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.1)
@@ -127,6 +126,15 @@ def test_killed_training_resumes_to_the_same_weights(zero2_run, tmp_path):
     expected, got = _weights(Path(uninterrupted.export_dir)), _weights(Path(resumed.export_dir))
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def _registered_checkpoint(run_dir: Path) -> bool:
+    """Ray Train has committed a checkpoint (its snapshot names one), not merely begun one."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
 
 
 def test_data_for_another_target_or_teacher_is_refused_before_training(prepared_world, tmp_path):
