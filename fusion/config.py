@@ -159,8 +159,8 @@ class TrainConfig(_Strict):
     """One GPU per worker (NCCL); CPU workers use gloo."""
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     """CPUs reserved per worker; fractions leave room for streamed pipeline actors."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Compute precision; bf16 on GPUs (master weights stay fp32)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: 'auto' is bf16 with use_gpu, fp32 otherwise (master weights fp32)."""
     lr: Annotated[float, Field(gt=0)] = 1e-5
     """Peak learning rate."""
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
@@ -211,6 +211,11 @@ class TrainConfig(_Strict):
                 f"micro_batch_size × num_workers ({per_step})"
             )
         return self
+
+    @property
+    def bf16(self) -> bool:
+        """Whether training computes in bf16."""
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
 
     @property
     def accumulation(self) -> int:

@@ -14,6 +14,7 @@ from fusion.models import load_tokenizer
 def model_card(run: FusionConfig, progress, dataset: dict) -> str:
     """A README.md saying what the model is, what it learned from and how training went."""
     train, align = run.train, run.align
+    precision = "bf16" if train.bf16 else "fp32"
     losses = [loss for _, loss in progress.losses]
     sources = "\n".join(f"  - `{s.name}`: {s.path}" for s in run.sources)
     curve = (
@@ -41,7 +42,7 @@ ICLR 2024) with the `fusion` toolkit.
 - **Optimizer steps:** {progress.step}; **tokens seen:** {progress.tokens_seen}
 - **Loss:** {curve}
 - **Settings:** {train.strategy} (ZeRO {train.zero_stage}), {train.num_workers} worker(s),
-  {train.precision}, lr {train.lr} ({train.schedule}, warm-up {train.warmup_ratio}), AdamW
+  {precision}, lr {train.lr} ({train.schedule}, warm-up {train.warmup_ratio}), AdamW
   {tuple(train.betas)}, weight decay {train.weight_decay}, clip {train.grad_clip}, global batch
   {train.global_batch_size}, seed {train.seed}
 

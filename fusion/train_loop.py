@@ -74,7 +74,7 @@ class Engine:
         )
         optimizer = adamw(model, self.train)
         schedule = scheduler(optimizer, total, self.train)
-        self.bf16 = self.train.precision == "bf16"
+        self.bf16 = self.train.bf16
         if self.train.strategy == "deepspeed":
             import deepspeed
 
