@@ -90,3 +90,13 @@ def test_every_shipped_config_parses():
     assert shipped
     for path in shipped:
         load_config(path)
+
+
+def test_cluster_configs_parse_and_run_the_job_entrypoints():
+    cluster = Path(__file__).parents[1] / "cluster"
+    launcher = yaml.safe_load((cluster / "ray-cluster.yaml").read_text())
+    assert {"head", "gpu_source", "gpu_train"} <= set(launcher["available_node_types"])
+    rayjob = yaml.safe_load((cluster / "kuberay-rayjob.yaml").read_text())
+    assert rayjob["kind"] == "RayJob"
+    script = rayjob["spec"]["entrypoint"].split()[1]
+    assert (Path(__file__).parents[1] / script).is_file()
