@@ -26,7 +26,7 @@ from fusion.output import OutputDir
 from fusion.rows import FUSED, TARGET, schema
 from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
 
-_SMALL_CPU = 0.1  # reservation of the light CPU stages (chunking, alignment, fusion, writing)
+SMALL_CPU = 0.1  # reservation of the light CPU stages (chunking, alignment, fusion, writing)
 
 
 class ClusterError(FusionError):
@@ -102,9 +102,7 @@ def check_cluster(
 ) -> None:
     """Refuse a config whose actors (plus ``also``: CPUs, GPUs of training workers) cannot
     all be placed: Ray would wait forever instead of failing."""
-    cpus = (
-        also[0] + 2 * _SMALL_CPU + sum(_SMALL_CPU + s.num_cpus * s.actors for s in config.sources)
-    )
+    cpus = also[0] + 2 * SMALL_CPU + sum(SMALL_CPU + s.num_cpus * s.actors for s in config.sources)
     gpus = also[1] + sum(s.num_gpus * s.actors for s in config.sources)
     if config.target.as_teacher:
         cpus += config.target.num_cpus
@@ -123,7 +121,8 @@ def check_cluster(
         )
 
 
-def _ensure_ray(config: FusionConfig):
+def ensure_ray(config: FusionConfig):
+    """Join the configured cluster (or RAY_ADDRESS inside a job), or start a local Ray."""
     import ray
 
     if not ray.is_initialized():
@@ -156,7 +155,7 @@ def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, s
         fn_constructor_kwargs={"target": config.target, "data": config.data, "done_ids": done},
         batch_size=1,
         compute=pool(size=1),
-        num_cpus=_SMALL_CPU,
+        num_cpus=SMALL_CPU,
     )
     models = [(TARGET, config.target, 1)] if config.target.as_teacher else []
     models += [(s.name, s, s.actors) for s in config.sources]
@@ -184,7 +183,7 @@ def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, s
                     "align": config.align,
                 },
                 compute=pool(size=1),
-                num_cpus=_SMALL_CPU,
+                num_cpus=SMALL_CPU,
             )
     return dataset.map_batches(
         fuse_batch,
@@ -193,7 +192,7 @@ def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, s
             "fuse": config.fuse,
             "mode": config.align.mode,
         },
-        num_cpus=_SMALL_CPU,
+        num_cpus=SMALL_CPU,
     )
 
 
@@ -224,7 +223,7 @@ def prepare(
     table_schema = schema([*names, FUSED], config.align.top_k)
 
     if todo:
-        ray = _ensure_ray(config)
+        ray = ensure_ray(config)
         ray.data.DataContext.get_current().enable_progress_bars = not quiet
         check_cluster(config, ray.cluster_resources())
         done = {s: ids for s, ids in progress.done_ids.items() if s not in complete}
@@ -236,7 +235,7 @@ def prepare(
                 "top_k": config.align.top_k,
             },
             batch_size=config.output.rows_per_file,
-            num_cpus=_SMALL_CPU,
+            num_cpus=SMALL_CPU,
         )
         try:
             for part in dataset.iter_rows():

@@ -17,9 +17,9 @@ import pyarrow as pa
 from fusion.config import ConfigError, FusionConfig
 from fusion.corpus import plan_shards
 from fusion.models import check_model_folder
-from fusion.pipeline import _SMALL_CPU, _ensure_ray, candidates, check_cluster, teacher_dataset
+from fusion.pipeline import SMALL_CPU, candidates, check_cluster, ensure_ray, teacher_dataset
 from fusion.rows import FUSED, schema, to_table
-from fusion.train import TrainSummary, _check_training_resources, fit, train_settings
+from fusion.train import TrainSummary, check_training_resources, fit, train_settings
 
 
 def training_rows(batch: dict[str, np.ndarray], table_schema, top_k: int):
@@ -45,11 +45,11 @@ def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     for index, source in enumerate(config.sources):
         check_model_folder(source, f"sources.{index}")
     shards = plan_shards(config.data)
-    ray = _ensure_ray(config)
+    ray = ensure_ray(config)
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
     workers = (train.num_workers * train.cpus_per_worker, train.num_workers * train.use_gpu)
     check_cluster(config, ray.cluster_resources(), also=workers)
-    _check_training_resources(train, ray.cluster_resources())
+    check_training_resources(train, ray.cluster_resources())
     teacher = train.teacher
     if teacher not in [*candidates(config), FUSED]:
         raise ConfigError(
@@ -61,7 +61,7 @@ def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     dataset = teacher_dataset(config, shards, {}).map_batches(
         training_rows,
         fn_kwargs={"table_schema": rows_schema, "top_k": config.align.top_k},
-        num_cpus=_SMALL_CPU,
+        num_cpus=SMALL_CPU,
     )
     info = {"path": f"streamed from {config.data.paths}", "rows": None, "tokens": None}
     return fit(config, dataset, rows=None, dataset_info=info, quiet=quiet)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from fusion.config import FusionConfig, TrainConfig
 from fusion.errors import FusionError
 from fusion.models import load_tokenizer, vocab_fingerprint
-from fusion.pipeline import ClusterError, _ensure_ray
+from fusion.pipeline import ClusterError, ensure_ray
 from fusion.train_loop import total_steps, train_loop_per_worker
 
 RUN_NAME = "fusion-train"
@@ -94,8 +94,8 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     run = run.model_copy(update={"train": train})
     manifest = check_dataset(run)
     total_steps(train, manifest["rows"])  # refuse a data set smaller than one global batch
-    ray = _ensure_ray(run)
-    _check_training_resources(train, ray.cluster_resources())
+    ray = ensure_ray(run)
+    check_training_resources(train, ray.cluster_resources())
     folder = data_dir(run)
     dataset = ray.data.read_parquet(
         [str(folder / f["file"]) for f in manifest["files"]], num_cpus=_READ_CPU
@@ -169,7 +169,7 @@ def fit(
     )
 
 
-def _check_training_resources(train: TrainConfig, available: dict[str, float]) -> None:
+def check_training_resources(train: TrainConfig, available: dict[str, float]) -> None:
     """Refuse workers that cannot all be placed, leaving room for the read tasks."""
     cpus = train.num_workers * train.cpus_per_worker + _READ_CPU
     if cpus > available.get("CPU", 0.0) + 1e-9:
