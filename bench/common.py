@@ -60,3 +60,23 @@ def report(
     payload = {"rows": [dict(zip(header, row, strict=True)) for row in rows], **extra, **machine}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"written to {RESULTS / (name + '.json')}")
+
+
+def bench_llama(vocab_size: int, *, seed: int):
+    """The benchmarks' model: a randomly initialised Llama, 4 layers, width 256."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return AutoModelForCausalLM.from_config(config)

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from bench.common import report, stdlib_text
+from bench.common import bench_llama, report, stdlib_text
 from fusion.config import parse_config
 from fusion.models import load_tokenizer
 from fusion.pipeline import prepare
@@ -38,7 +38,7 @@ def build_world(root: Path, corpus_chars: int) -> None:
     pieces = [text[i : i + 4000] for i in range(0, len(text), 4000)]
     source_tok = train_tokenizer(pieces[:400], "byte_level", 8192)
     target_tok = train_tokenizer(pieces[:400], "metaspace", 8192)
-    source = tiny_causal_lm_deep(len(source_tok))
+    source = bench_llama(len(source_tok), seed=1)
     save_model_dir(root / "source", source, source_tok)
     save_model_dir(root / "target", tiny_causal_lm("llama", len(target_tok), seed=2), target_tok)
     corpus = root / "corpus"
@@ -48,25 +48,6 @@ def build_world(root: Path, corpus_chars: int) -> None:
         (corpus / f"doc{i // 20_000:04d}.txt").write_text(
             held_out[i : i + 20_000], encoding="utf-8"
         )
-
-
-def tiny_causal_lm_deep(vocab_size: int):
-    """The bench's source: Llama, 4 layers, width 256."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return AutoModelForCausalLM.from_config(config)
 
 
 def config_for(root: Path, out: Path, actors: int):

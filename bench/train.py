@@ -20,26 +20,10 @@ import time
 
 import torch
 
-from bench.common import report
+from bench.common import bench_llama, report
 
 VOCAB, BATCH, LENGTH, TOP_K, LAMBDA = 32_000, 4, 512, 10, 0.9
 VARIANTS = ("clm", "fusion", "dense")
-
-
-def _model():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=LENGTH,
-    )
-    return AutoModelForCausalLM.from_config(config)
 
 
 def _batch(device: torch.device) -> dict[str, torch.Tensor]:
@@ -76,7 +60,7 @@ def run_variant(variant: str) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(1)
-    model = _model().to(device)
+    model = bench_llama(VOCAB, seed=0).to(device)
     batch = _batch(device)
 
     def step() -> None:
