@@ -11,7 +11,6 @@ order is not reproducible, so for an exactly reproducible resume, materialise wi
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 
 from fusion.config import ConfigError, FusionConfig
@@ -20,11 +19,6 @@ from fusion.models import check_model_folder
 from fusion.pipeline import SMALL_CPU, candidates, check_cluster, ensure_ray, teacher_dataset
 from fusion.rows import FUSED, schema, to_table
 from fusion.train import TrainSummary, check_training_resources, fit, train_settings
-
-
-def training_rows(batch: dict[str, np.ndarray], table_schema, top_k: int):
-    """The columns training reads, as a row-contract Arrow table."""
-    return to_table(batch, table_schema, top_k)
 
 
 def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
@@ -58,8 +52,9 @@ def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     full = schema([*candidates(config), FUSED], config.align.top_k)
     needed = ["id", "input_ids", f"{teacher}.topk_ids", f"{teacher}.topk_logits"]
     rows_schema = pa.schema([full.field(name) for name in needed])
+    # Training reads row-contract Arrow tables with only the columns it needs.
     dataset = teacher_dataset(config, shards, {}).map_batches(
-        training_rows,
+        to_table,
         fn_kwargs={"table_schema": rows_schema, "top_k": config.align.top_k},
         num_cpus=SMALL_CPU,
     )
