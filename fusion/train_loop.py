@@ -21,6 +21,7 @@ import torch
 
 from fusion.batches import collate
 from fusion.config import FusionConfig, TrainConfig
+from fusion.errors import FusionError
 from fusion.loss import fusion_objective
 from fusion.optim import adamw, scheduler
 
@@ -52,7 +53,7 @@ def total_steps(train: TrainConfig, rows: int | None) -> int:
         return train.max_steps
     per_epoch = (rows // (train.micro_batch_size * train.num_workers)) // train.accumulation
     if per_epoch == 0:
-        raise ValueError(
+        raise FusionError(
             f"the data set has {rows} rows, fewer than one global batch of "
             f"{train.global_batch_size}: lower train.global_batch_size"
         )

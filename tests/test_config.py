@@ -100,3 +100,17 @@ def test_cluster_configs_parse_and_run_the_job_entrypoints():
     assert rayjob["kind"] == "RayJob"
     script = rayjob["spec"]["entrypoint"].split()[1]
     assert (Path(__file__).parents[1] / script).is_file()
+
+
+def test_a_data_set_smaller_than_one_global_batch_is_a_user_error():
+    from fusion.config import TrainConfig
+    from fusion.errors import FusionError
+    from fusion.train_loop import total_steps
+
+    train = TrainConfig(global_batch_size=8, micro_batch_size=2, num_workers=2)
+    assert (
+        total_steps(train, 40) == 5
+        and total_steps(train.model_copy(update={"max_steps": 3}), 40) == 3
+    )
+    with pytest.raises(FusionError, match="7 rows, fewer than one global batch of 8"):
+        total_steps(train, 7)
