@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from fusion.config import FusionConfig, TrainConfig
-from fusion.errors import FusionError
+from fusion.errors import FusionError, user_error_from
 from fusion.models import load_tokenizer, vocab_fingerprint
 from fusion.pipeline import ClusterError, ensure_ray
 from fusion.train_loop import total_steps, train_loop_per_worker
@@ -158,7 +158,13 @@ def fit(
             execution_options=ray.data.ExecutionOptions(preserve_order=not streamed),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as error:  # a worker's user error arrives wrapped by Ray Train
+        user_error = user_error_from(error)
+        if user_error is None:
+            raise
+        raise user_error from None
     summary = json.loads((export_dir / "training_summary.json").read_text())
     losses = summary["losses"]
     return TrainSummary(
