@@ -55,7 +55,8 @@ class Document:
     domain: str | None
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+def open_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a local path or URI, and the path within it."""
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), str(Path(path).resolve())
@@ -116,12 +117,12 @@ def plan_shards(data: DataConfig) -> list[Shard]:
 
 
 def _open_parquet(path: str) -> pq.ParquetFile:
-    filesystem, inner = _filesystem(path)
+    filesystem, inner = open_filesystem(path)
     return pq.ParquetFile(filesystem.open_input_file(inner))
 
 
 def _read_text(path: str) -> str:
-    filesystem, inner = _filesystem(path)
+    filesystem, inner = open_filesystem(path)
     try:
         with filesystem.open_input_stream(inner) as stream:
             raw = stream.read()

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from fusion.chunking import encode
 from fusion.config import FusionConfig, ModelConfig
-from fusion.corpus import Shard, plan_shards, read_documents
+from fusion.corpus import Shard, open_filesystem, plan_shards, read_documents
 from fusion.models import load_tokenizer
 
 ASSUMED_FLOPS = {"cpu_core": 2e10, "gpu": 1e14}  # effective forward FLOP/s
@@ -55,7 +55,7 @@ class Estimate:
 def _size(shard: Shard, text_field: str) -> int:
     """Bytes of text in a shard (uncompressed text column for Parquet)."""
     if shard.format == "parquet":
-        filesystem, inner = _fs(shard.path)
+        filesystem, inner = open_filesystem(shard.path)
         metadata = pq.ParquetFile(filesystem.open_input_file(inner)).metadata
         group = metadata.row_group(shard.row_group)
         return sum(
@@ -63,7 +63,7 @@ def _size(shard: Shard, text_field: str) -> int:
             for c in range(group.num_columns)
             if group.column(c).path_in_schema == text_field
         )
-    filesystem, inner = _fs(shard.path)
+    filesystem, inner = open_filesystem(shard.path)
     size = filesystem.get_file_info(inner).size
     if shard.format == "jsonl":
         size = int(size * _jsonl_text_fraction(filesystem, inner, text_field))
@@ -84,12 +84,6 @@ def _jsonl_text_fraction(filesystem: pafs.FileSystem, path: str, text_field: str
         text += len(str(value).encode("utf-8"))
         line_bytes += len(line) + 1
     return text / line_bytes if line_bytes else 1.0
-
-
-def _fs(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).resolve())
 
 
 def parameter_count(model: ModelConfig) -> int:

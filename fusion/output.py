@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from fusion.corpus import open_filesystem
 from fusion.errors import FusionError
 
 RUN_FILE = "run.json"
@@ -34,12 +35,6 @@ PART_PREFIX = "part-"
 
 class OutputError(FusionError):
     """An output folder that cannot take this run."""
-
-
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
 
 
 def _write_atomically(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -72,7 +67,7 @@ class OutputDir:
 
     def __init__(self, path: str):
         self.path = path.rstrip("/")
-        self.filesystem, self.root = _filesystem(self.path)
+        self.filesystem, self.root = open_filesystem(self.path)
 
     def _file(self, name: str) -> str:
         return str(PurePosixPath(self.root) / name)
