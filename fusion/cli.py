@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -41,23 +40,102 @@ def main(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's artefacts.")] = Path(
-        "fusion-demo"
-    ),
-    quick: Annotated[bool, typer.Option(help="Fewer spans: a smoke test in seconds.")] = False,
+    out: Annotated[
+        Path, typer.Option(help="Folder for the demo's models, data and report.")
+    ] = Path("fusion-demo"),
+    quick: Annotated[
+        bool, typer.Option(help="A smaller world and budget, no FuseLLM variants (≈5 min).")
+    ] = False,
 ) -> None:
-    """Run the embedded demo: tokenizers of two families aligned, transferred, fused and scored.
+    """Run a real fusion experiment on built-in text: does fusion beat its baselines?
 
-    At this stage it exercises the alignment and fusion core on tiny untrained models; the
-    full fusion experiment (expert training, fused training, evaluation) comes later.
+    Pre-trains three domain experts of different architectures and tokenizers and a target,
+    prepares fused teacher data, trains the target and its baselines on the same tokens and
+    writes OUT/results.json, OUT/report.md, OUT/bpb.png and OUT/curve.png. Built models and
+    data are cached in OUT, so a second run starts at the fusion step.
     """
-    from fusion.demo import run_demo
+    from fusion.demo.run import run_demo
+    from fusion.errors import FusionError
 
-    summary = run_demo(out, quick=quick, echo=typer.echo)
-    width = max(map(len, asdict(summary)))
-    for name, value in asdict(summary).items():
-        typer.echo(f"  {name:<{width}}  {value}")
-    typer.echo(f"summary written to {out / 'summary.json'}")
+    try:
+        results = run_demo(out, quick=quick, echo=typer.echo)
+    except FusionError as error:
+        raise _fail(error) from None
+    typer.echo("")
+    for name, entry in sorted(results["models"].items(), key=lambda i: i[1]["avg_bpb"]):
+        per_domain = "  ".join(f"{d} {entry['bpb'][d]:.4f}" for d in results["domains"])
+        typer.echo(f"  {name:<22} avg bpb {entry['avg_bpb']:.4f}   {per_domain}")
+    delta = results["verdict"]["delta_avg_bpb_vs"]["clm_only"]
+    typer.echo(
+        f"fused vs clm_only: {delta:+.4f} bpb on average; best model: "
+        f"{results['verdict']['best_model']}; {results['wall_seconds']:.0f} s"
+    )
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[
+        list[str],
+        typer.Option(
+            "--model",
+            "-m",
+            help="NAME=FOLDER of a local HF causal LM; NAME=A+B+… averages the members' "
+            "probabilities (an ensemble; they must share a vocabulary). Repeatable.",
+        ),
+    ],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data", "-d", help="DOMAIN=PATH of a held-out corpus (text, JSONL, Parquet)."
+        ),
+    ],
+    max_length: Annotated[int, typer.Option(help="Window length in tokens.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    device: Annotated[str, typer.Option(help="'cpu' or 'cuda'.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write the results as JSON here.")
+    ] = None,
+) -> None:
+    """Bits per byte and perplexity of local models on held-out corpora, per domain and average."""
+    import json
+
+    from fusion.errors import FusionError
+    from fusion.evaluate import evaluate
+
+    def pairs(values: list[str], option: str) -> dict[str, str]:
+        parsed = {}
+        for value in values:
+            name, sep, rest = value.partition("=")
+            if not sep or not name or not rest:
+                raise _fail(f"{option} {value!r}: expected NAME=PATH")
+            if name in parsed:
+                raise _fail(f"{option} {value!r}: the name {name!r} is given twice")
+            parsed[name] = rest
+        return parsed
+
+    members = {name: spec.split("+") for name, spec in pairs(model, "--model").items()}
+    corpora = pairs(data, "--data")
+    try:
+        results = evaluate(
+            members,
+            corpora,
+            max_length=max_length,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+        )
+    except FusionError as error:
+        raise _fail(error) from None
+    domains = list(corpora)
+    typer.echo(f"{'model':<20} " + " ".join(f"{d:>12}" for d in domains) + f" {'avg bpb':>12}")
+    for name, entry in results.items():
+        cells = " ".join(f"{entry['bpb'][d]:>12.4f}" for d in domains)
+        typer.echo(f"{name:<20} {cells} {entry['avg_bpb']:>12.4f}")
+    if output is not None:
+        output.write_text(json.dumps(results, indent=2) + "\n")
+        typer.echo(f"results written to {output}")
 
 
 @app.command()

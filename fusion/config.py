@@ -159,6 +159,9 @@ class TrainConfig(_Strict):
     """One GPU per worker (NCCL); CPU workers use gloo."""
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     """CPUs reserved per worker; fractions leave room for streamed pipeline actors."""
+    cpu_threads: Annotated[int, Field(ge=1)] | None = None
+    """Torch threads of a CPU worker (default: its whole CPUs, at least one); more threads
+    than reserved CPUs let a worker use cores the reservation leaves to short data tasks."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision: 'auto' is bf16 with use_gpu, fp32 otherwise (master weights fp32)."""
     lr: Annotated[float, Field(gt=0)] = 1e-5
@@ -201,6 +204,13 @@ class TrainConfig(_Strict):
     """Checkpoints, metrics and export live here; default <output.dir>/train."""
     log_every: Annotated[int, Field(ge=1)] = 1
     """Optimizer steps between metric lines."""
+    eval_data: dict[str, str] = Field(default_factory=dict)
+    """Held-out corpora by domain name (any corpus format): bits-per-byte is logged at the
+    start, every eval_every steps and at the end."""
+    eval_every: Annotated[int, Field(ge=1)] | None = None
+    """Optimizer steps between held-out evaluations (default: start and end only)."""
+    eval_max_length: Annotated[int, Field(ge=2)] = 1024
+    """Window of the held-out evaluation, in target tokens."""
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
@@ -307,6 +317,12 @@ def resolve_paths(config: FusionConfig, base: Path) -> FusionConfig:
                     key: _resolve(value, base)
                     for key in ("data", "storage_path")
                     if (value := getattr(config.train, key)) is not None
+                }
+                | {
+                    "eval_data": {
+                        domain: _resolve(path, base)
+                        for domain, path in config.train.eval_data.items()
+                    }
                 }
             ),
         }

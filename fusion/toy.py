@@ -20,10 +20,27 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 TokenizerKind = Literal["byte_level", "metaspace"]
 
 
-def _byte_level(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def _isolating(pre_tokenizer, isolate: bool):
+    """``pre_tokenizer``, after newlines and single digits are split off when ``isolate``.
+
+    Tokenizers that all isolate digits and newlines segment numbers and line ends alike, so
+    their distributions align position by position there.
+    """
+    if not isolate:
+        return pre_tokenizer
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizer,
+        ]
+    )
+
+
+def _byte_level(texts: Iterable[str], vocab_size: int, isolate: bool) -> Tokenizer:
     """GPT-2 style byte-level BPE: spaces are ``Ġ``, every byte is in the alphabet."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = _isolating(pre_tokenizers.ByteLevel(add_prefix_space=False), isolate)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -36,9 +53,11 @@ def _byte_level(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _metaspace(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def _metaspace(texts: Iterable[str], vocab_size: int, isolate: bool) -> Tokenizer:
     """SentencePiece-style BPE: spaces are ``▁``, unknown characters fall back to ``<0xNN>``."""
-    pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    pre_tokenizer = _isolating(
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"), isolate
+    )
     draft = Tokenizer(models.BPE(unk_token="<unk>"))
     draft.pre_tokenizer = pre_tokenizer
     trainer = trainers.BpeTrainer(
@@ -66,14 +85,17 @@ def _metaspace(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def train_tokenizer(
-    texts: Iterable[str], kind: TokenizerKind, vocab_size: int
+    texts: Iterable[str], kind: TokenizerKind, vocab_size: int, *, isolate_digits: bool = False
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level (``Ġ``) or Metaspace-with-byte-fallback (``▁``) BPE tokenizer."""
+    """Train a byte-level (``Ġ``) or Metaspace-with-byte-fallback (``▁``) BPE tokenizer.
+
+    ``isolate_digits`` splits newlines and every digit into pre-tokens of their own.
+    """
     builders = {"byte_level": _byte_level, "metaspace": _metaspace}
     if kind not in builders:
         raise ValueError(f"tokenizer kind must be one of {sorted(builders)}, got {kind!r}")
     return PreTrainedTokenizerFast(
-        tokenizer_object=builders[kind](texts, vocab_size),
+        tokenizer_object=builders[kind](texts, vocab_size, isolate_digits),
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
@@ -83,8 +105,10 @@ def train_tokenizer(
 Architecture = Literal["llama", "gpt2", "gpt_neox"]
 
 
-def tiny_causal_lm(architecture: Architecture, vocab_size: int, *, seed: int = 0, width: int = 64):
-    """A randomly initialised 2-layer causal LM of the given architecture."""
+def tiny_causal_lm(
+    architecture: Architecture, vocab_size: int, *, seed: int = 0, width: int = 64, layers: int = 2
+):
+    """A randomly initialised small causal LM of the given architecture (4 heads)."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
@@ -93,17 +117,19 @@ def tiny_causal_lm(architecture: Architecture, vocab_size: int, *, seed: int = 0
         "llama": lambda: LlamaConfig(
             hidden_size=width,
             intermediate_size=2 * width,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=1024,
             **common,
         ),
-        "gpt2": lambda: GPT2Config(n_embd=width, n_layer=2, n_head=4, n_positions=1024, **common),
+        "gpt2": lambda: GPT2Config(
+            n_embd=width, n_layer=layers, n_head=4, n_positions=1024, **common
+        ),
         "gpt_neox": lambda: GPTNeoXConfig(
             hidden_size=width,
             intermediate_size=2 * width,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             max_position_embeddings=1024,
             **common,

@@ -176,12 +176,17 @@ def fit(
 
 
 def check_training_resources(train: TrainConfig, available: dict[str, float]) -> None:
-    """Refuse workers that cannot all be placed, leaving room for the read tasks."""
-    cpus = train.num_workers * train.cpus_per_worker + _READ_CPU
+    """Refuse workers that cannot all be placed, leaving room for their read tasks.
+
+    Every worker reads the materialised data set itself (that keeps the order exact), so each
+    needs a read task of its own running beside it.
+    """
+    cpus = train.num_workers * (train.cpus_per_worker + _READ_CPU)
     if cpus > available.get("CPU", 0.0) + 1e-9:
         raise ClusterError(
-            f"{train.num_workers} training workers × {train.cpus_per_worker:g} CPUs plus the "
-            f"data readers need {cpus:g} CPUs but the cluster has {available.get('CPU', 0):g}; "
+            f"{train.num_workers} training workers × ({train.cpus_per_worker:g} CPUs plus "
+            f"{_READ_CPU:g} for the worker's data reader) need {cpus:g} CPUs but the cluster "
+            f"has {available.get('CPU', 0):g}; "
             "lower train.cpus_per_worker (fractions are allowed) or train.num_workers"
         )
     if train.use_gpu and train.num_workers > available.get("GPU", 0.0):

@@ -182,6 +182,38 @@ class Engine:
             yield self.module
 
 
+class HeldOut:
+    """The held-out corpora of ``train.eval_data``, scored with the model being trained."""
+
+    def __init__(self, run: FusionConfig):
+        from fusion.evaluate import read_texts
+        from fusion.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(run.target.path)
+        self.texts = {domain: read_texts(path) for domain, path in run.train.eval_data.items()}
+        self.max_length = run.train.eval_max_length
+        self.gathers = run.train.strategy == "deepspeed" and run.train.zero_stage == 3
+
+    def due(self, step: int, every: int | None, finished: bool) -> bool:
+        return bool(self.texts) and (finished or (every is not None and step % every == 0))
+
+    def metrics(self, engine: Engine, rank: int) -> dict:
+        """``eval_bpb`` per domain and ``eval_avg_bpb`` (rank 0; ZeRO-3 ranks all take part)."""
+        from fusion.evaluate import score, summarise
+
+        if rank != 0 and not self.gathers:
+            return {}
+        with engine.full_weights() as module:
+            module.eval()
+            scores = {
+                domain: score([module], self.tokenizer, texts, max_length=self.max_length)
+                for domain, texts in self.texts.items()
+            }
+            module.train()
+        summary = summarise(scores)
+        return {"eval_bpb": summary["bpb"], "eval_avg_bpb": summary["avg_bpb"]}
+
+
 @dataclass
 class _Window:
     """Loss sums (this worker's) and tokens (all workers') since the last logged step."""
@@ -204,11 +236,14 @@ class _Window:
 
 
 def _log_line(progress: Progress, total: int, metrics: dict) -> str:
-    return (
+    line = (
         f"step {progress.step}/{total}  loss {metrics['loss']:.4f}  clm {metrics['clm_loss']:.4f}  "
         f"fusion {metrics['fusion_loss']:.4f}  lr {metrics['lr']:.2e}  "
         f"{metrics['tokens_per_s']:,.0f} tok/s"
     )
+    if "eval_avg_bpb" in metrics:
+        line += f"  held-out bpb {metrics['eval_avg_bpb']:.4f}"
+    return line
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -223,6 +258,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(train.seed)
+    if not train.use_gpu:  # a CPU worker computes with as many threads as CPUs it reserved
+        torch.set_num_threads(train.cpu_threads or max(1, int(train.cpus_per_worker)))
     total = total_steps(train, loop_config["rows"])
     engine = Engine(run, total)
     progress = Progress()
@@ -232,6 +269,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.load(Path(folder))
             progress = Progress.load(Path(folder))
     metrics_file = Path(loop_config["storage"]) / "metrics.jsonl"
+    held_out = HeldOut(run)
+    if held_out.texts and progress.step == 0:
+        start = {"step": 0, "tokens_seen": 0, **held_out.metrics(engine, rank)}
+        if rank == 0:
+            with metrics_file.open("a") as stream:
+                stream.write(json.dumps(start) + "\n")
     shard = ray.train.get_dataset_shard("train")
     streamed = loop_config["rows"] is None
     # Materialised: every worker reads every row and keeps its own of each global micro-batch.
@@ -281,10 +324,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             finished = progress.step >= total or (
                 progress.micro_in_epoch >= usable_micro and epoch + 1 == train.epochs
             )
+            evaluate = held_out.due(progress.step, train.eval_every, finished)
             if (
                 progress.step % train.log_every
                 and progress.step % train.checkpoint_every
                 and not finished
+                and not evaluate
             ):
                 continue
             elapsed = time.perf_counter() - tick
@@ -296,6 +341,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "tokens_seen": progress.tokens_seen,
                 "tokens_per_s": window.tokens / max(elapsed, 1e-9),
             }
+            if evaluate:
+                metrics |= held_out.metrics(engine, rank)
             progress.losses.append([progress.step, metrics["loss"]])
             if rank == 0:
                 with metrics_file.open("a") as stream:

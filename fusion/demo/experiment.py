@@ -1,0 +1,188 @@
+"""The demo's arms: the same target, data, order and token budget, trained different ways.
+
+Teacher data sets are made by the real ``fusion prepare`` pipeline and every arm is trained by
+the real ``fusion train`` (Ray Train). The main data set (clean settings: character-offset
+alignment, MinED vocabulary map, MinCE per token) serves ``fused``, ``clm_only`` (λ = 1: the
+teacher is ignored) and single-teacher distillation from the best source. FuseLLM variants
+each need their own data set: AvgCE, exact vocabulary match, and the reference settings (DTW,
+the reference's quirks, MinCE per sequence, bf16 teacher).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusion.config import FusionConfig, config_to_yaml, parse_config
+from fusion.demo.world import SOURCES, TARGET, Scale, World
+
+LAM = 0.9
+LR = 1e-3
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training the target: which data set, which teacher, which λ."""
+
+    name: str
+    dataset: str
+    description: str
+    teacher: str = "fused"
+    lam: float = LAM
+    train: dict = field(default_factory=dict, hash=False)
+
+
+DATASETS: dict[str, dict] = {
+    "main": {},
+    "avg_ce": {"fuse": {"method": "avg_ce", "granularity": "token"}},
+    "exact": {"align": {"vocab_map": "exact"}},
+    "reference": {
+        "align": {"method": "dtw", "vocab_map": "mined", "mode": "reference"},
+        "fuse": {"method": "min_ce", "granularity": "sequence"},
+    },
+}
+
+
+def arms(scale: Scale, best_source: str) -> list[Arm]:
+    """The arms of this scale: the baselines always, the FuseLLM variants when it allows."""
+    chosen = [
+        Arm("fused", "main", f"FuseLLM, λ={LAM}: MinCE per token over target + 3 sources"),
+        Arm("clm_only", "main", "continual training on the same text, λ=1", lam=1.0),
+        Arm(
+            f"distill_{best_source}",
+            "main",
+            f"single-teacher distillation from the best source ({best_source}), λ={LAM}",
+            teacher=best_source,
+        ),
+    ]
+    if scale.variants:
+        chosen += [
+            Arm("fused_avg_ce", "avg_ce", "FuseLLM with AvgCE instead of MinCE"),
+            Arm("fused_exact", "exact", "FuseLLM with exact vocabulary match instead of MinED"),
+            Arm(
+                "fused_reference",
+                "reference",
+                "FuseLLM with the reference settings (DTW, quirks, MinCE per sequence, bf16 "
+                "teacher)",
+                train={"teacher_precision": "bf16"},
+            ),
+        ]
+    return chosen
+
+
+def _relative(path: Path, root: Path) -> str:
+    return str(path.resolve().relative_to(root.resolve()))
+
+
+def raw_config(world: World, out: Path, scale: Scale, dataset: str = "main") -> dict:
+    """The run config of a data set (paths relative to ``out``), with the fused arm's training."""
+    sources = [
+        {"name": spec.name, "path": _relative(world.models[spec.name], out), "num_cpus": 0.35}
+        for spec in SOURCES
+    ]
+    raw = {
+        "target": {"path": _relative(world.models[TARGET.name], out), "num_cpus": 0.35},
+        "sources": sources,
+        "data": {
+            "paths": [_relative(world.continual, out)],
+            "domain_field": "domain",
+            "id_field": "id",
+            "max_length": scale.max_length,
+        },
+        "align": {"method": "offsets", "vocab_map": "mined", "mode": "clean", "top_k": 10},
+        "fuse": {"method": "min_ce", "granularity": "token"},
+        "output": {"dir": f"teacher/{dataset}", "rows_per_file": 1024},
+        "train": {
+            "lam": LAM,
+            "lr": LR,
+            "strategy": "ddp",
+            "num_workers": 1,
+            "cpus_per_worker": 1.0,
+            "cpu_threads": 2,
+            "precision": "bf16",
+            "global_batch_size": scale.continual_batch,
+            "micro_batch_size": scale.continual_batch,
+            "max_steps": scale.continual_steps,
+            "warmup_ratio": 0.1,
+            "min_lr_ratio": 0.1,
+            "weight_decay": 0.1,
+            "seed": scale.seed,
+            "checkpoint_every": scale.continual_steps,
+            "storage_path": "arms/fused",
+            "eval_data": {d: _relative(p, out) for d, p in world.held_out.items()},
+            "eval_every": scale.eval_every,
+            "eval_max_length": scale.max_length,
+        },
+    }
+    for section, values in DATASETS[dataset].items():
+        raw[section] = raw[section] | values
+    return raw
+
+
+def arm_config(world: World, out: Path, scale: Scale, arm: Arm) -> FusionConfig:
+    """The config that trains ``arm``: its data set's, with the arm's teacher, λ and storage."""
+    raw = raw_config(world, out, scale, arm.dataset)
+    raw["train"] |= {
+        "teacher": arm.teacher,
+        "lam": arm.lam,
+        "storage_path": f"arms/{arm.name}",
+        **arm.train,
+    }
+    if arm.name not in ("fused", "clm_only"):
+        raw["train"] |= {"eval_data": {}, "eval_every": None}  # curves for the two main arms
+    return parse_config(raw, base=out)
+
+
+def write_run_config(world: World, out: Path, scale: Scale) -> Path:
+    """``DIR/config.yaml``: the fused arm, runnable with `fusion prepare` + `fusion train`."""
+    raw = raw_config(world, out, scale)
+    header = (
+        "# The demo's fused arm. Repeat it with `fusion prepare config.yaml && fusion train\n"
+        "# config.yaml` (or stream it with `fusion run config.yaml`); paths are relative to\n"
+        "# this file, so edit them to point at your own models and corpus.\n"
+    )
+    import yaml
+
+    file = out / "config.yaml"
+    file.write_text(header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    parse_config(raw, base=out)  # what we wrote must be a valid config
+    return file
+
+
+def prepare_dataset(
+    world: World, out: Path, scale: Scale, dataset: str, *, echo: Callable[[str], None]
+) -> dict:
+    """Run (or resume) `fusion prepare` for one data set; return its manifest."""
+    from fusion.pipeline import prepare
+
+    config = parse_config(raw_config(world, out, scale, dataset), base=out)
+    summary = prepare(config, overwrite=True, quiet=True, echo=lambda _: None)
+    echo(f"  teacher data {dataset}: {summary.line()}")
+    return json.loads((Path(config.output.dir) / "manifest.json").read_text())
+
+
+def train_arm(
+    world: World, out: Path, scale: Scale, arm: Arm, *, echo: Callable[[str], None]
+) -> Path:
+    """Train one arm with `fusion train` (resuming its checkpoints) unless it is done."""
+    from fusion.train import train
+
+    config = arm_config(world, out, scale, arm)
+    storage = Path(config.train.storage_path)
+    recipe = storage / "arm-config.yaml"
+    export = storage / "export"
+    wanted = config_to_yaml(config)
+    same = recipe.is_file() and recipe.read_text() == wanted
+    if same and (export / "training_summary.json").is_file():
+        echo(f"  {arm.name}: trained earlier, reusing {_relative(export, out)}")
+        return export
+    if not same:  # another recipe's checkpoints must not be resumed
+        shutil.rmtree(storage, ignore_errors=True)
+        storage.mkdir(parents=True)
+        recipe.write_text(wanted)
+    summary = train(config, quiet=True)
+    echo(f"  {arm.name}: {summary.steps} steps, {summary.tokens_seen:,} tokens")
+    return Path(summary.export_dir)

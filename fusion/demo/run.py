@@ -1,0 +1,189 @@
+"""`fusion demo`: build the world, prepare teacher data, train every arm, evaluate, report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fusion.demo.corpora import DOMAINS
+from fusion.demo.experiment import (
+    LAM,
+    LR,
+    arms,
+    prepare_dataset,
+    train_arm,
+    write_run_config,
+)
+from fusion.demo.report import learning_curve, token_efficiency, verdict, write_report
+from fusion.demo.world import PAIR, SOURCES, TARGET, TOKENIZERS, Scale, World, build_world
+
+QUICK = Scale(
+    code_chars=1_000_000,
+    arith_lines=20_000,
+    held_out_chars=12_000,
+    expert_steps=40,
+    target_steps=20,
+    tuned_steps=15,
+    pretrain_batch=16,
+    continual_steps=30,
+    continual_batch=16,
+    eval_every=10,
+    variants=False,
+)
+FULL = Scale(
+    code_chars=2_000_000,
+    arith_lines=40_000,
+    held_out_chars=30_000,
+    expert_steps=80,
+    target_steps=30,
+    tuned_steps=25,
+    continual_steps=60,
+    continual_batch=16,
+    eval_every=10,
+    variants=True,
+)
+
+
+def _baselines(world: World, out: Path, echo: Callable[[str], None]) -> dict[str, list[str]]:
+    """Ensemble and merges of the same-architecture pair (merged folders cached by recipe)."""
+    from fusion.merge import merge_models
+
+    pair = [str(world.models[spec.name]) for spec in PAIR]
+    base = str(world.models[TARGET.name])
+    members = {"ensemble_pair": pair}
+    for method, options in (("linear", {}), ("ties", {"density": 0.5, "scale": 1.0})):
+        folder = out / "baselines" / f"{method}_merge"
+        recipe = {"method": method, "models": pair, "base": base if method == "ties" else None}
+        recipe |= {"weights": None, **options}
+        done = folder / "merge.json"
+        if not (done.is_file() and json.loads(done.read_text()) == recipe):
+            shutil.rmtree(folder, ignore_errors=True)
+            merge_models(method, pair, folder, base=recipe["base"], **options)
+            echo(f"  merged the pair ({method}) into {folder.relative_to(out)}")
+        members[f"{method}_merge"] = [str(folder)]
+    return members
+
+
+def _evaluate(members: dict[str, list[str]], world: World, scale: Scale) -> dict[str, dict]:
+    from fusion.evaluate import evaluate
+
+    corpora = {domain: str(path) for domain, path in world.held_out.items()}
+    return evaluate(members, corpora, max_length=scale.max_length, batch_size=16)
+
+
+def _roles(arm_list, best: str) -> dict[str, str]:
+    roles = {spec.name: f"source ({spec.architecture}, {spec.tokenizer})" for spec in SOURCES}
+    roles |= {
+        TARGET.name: "target before training",
+        "code_tuned": "target_init tuned on code",
+        "prose_tuned": "target_init tuned on prose",
+        "ensemble_pair": "ensemble of the pair",
+        "linear_merge": "linear merge of the pair",
+        "ties_merge": "TIES merge of the pair",
+    }
+    return roles | {arm.name: "trained arm" for arm in arm_list}
+
+
+def run_demo(
+    out: Path,
+    *,
+    quick: bool = False,
+    scale: Scale | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Run the whole experiment under ``out`` and return ``results.json``'s content."""
+    import ray
+
+    started = time.perf_counter()
+    scale = scale or (QUICK if quick else FULL)
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    phases: dict[str, float] = {}
+
+    def phase(name: str, tick: float) -> float:
+        phases[name] = round(time.perf_counter() - tick, 1)
+        return time.perf_counter()
+
+    tick = time.perf_counter()
+    echo(f"building the world under {out / 'world'} (cached after the first run)")
+    world = build_world(out / "world", scale, echo=echo)
+    config_file = write_run_config(world, out, scale)
+    tick = phase("world", tick)
+
+    echo("evaluating the sources, the target and the pair's baselines")
+    members = {name: [str(world.models[name])] for name in world.models}
+    members |= _baselines(world, out, echo)
+    models = _evaluate(members, world, scale)
+    best = min((spec.name for spec in SOURCES), key=lambda n: models[n]["avg_bpb"])
+    arm_list = arms(scale, best)
+    tick = phase("baselines", tick)
+
+    echo("preparing teacher data (fusion prepare)")
+    manifests = {
+        dataset: prepare_dataset(world, out, scale, dataset, echo=echo)
+        for dataset in dict.fromkeys(arm.dataset for arm in arm_list)
+    }
+    tick = phase("prepare", tick)
+
+    echo(f"training {len(arm_list)} arms (fusion train): {', '.join(a.name for a in arm_list)}")
+    exports = {arm.name: train_arm(world, out, scale, arm, echo=echo) for arm in arm_list}
+    tick = phase("train", tick)
+
+    echo("evaluating the trained arms")
+    models |= _evaluate({n: [str(p)] for n, p in exports.items()}, world, scale)
+    phase("evaluate", tick)
+
+    summaries = {
+        name: json.loads((path / "training_summary.json").read_text())
+        for name, path in exports.items()
+    }
+    tokens = {summary["tokens_seen"] for summary in summaries.values()}
+    if len(tokens) != 1:
+        raise RuntimeError(f"arms saw different token counts: {tokens}; the comparison is unfair")
+    curves = {
+        name: learning_curve(out / "arms" / name / "metrics.jsonl")
+        for name in ("fused", "clm_only")
+    }
+    results = {
+        "domains": list(DOMAINS),
+        "models": models,
+        "tokens_per_arm": tokens.pop(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "phase_seconds": phases,
+        "verdict": verdict(models, DOMAINS),
+        "token_efficiency": token_efficiency(curves["fused"], curves["clm_only"]),
+        "curves": curves,
+        "best_source": best,
+        "roles": _roles(arm_list, best),
+        "arms": {arm.name: arm.description for arm in arm_list},
+        "teacher_data": {
+            name: {k: m[k] for k in ("rows", "tokens", "bytes_per_token")}
+            for name, m in manifests.items()
+        },
+        "quick": scale.variants is False,
+        "config": str(config_file),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    settings = {
+        "models": f"d={scale.width}, {scale.layers} layers, 4 heads; sources "
+        + ", ".join(f"{s.name} = {s.architecture} + {TOKENIZERS[s.tokenizer]}" for s in SOURCES)
+        + f"; target {TARGET.architecture} + {TOKENIZERS[TARGET.tokenizer]}",
+        "pre-training": f"experts {scale.expert_steps} steps (8:1:1 mix towards their domain), "
+        f"target_init {scale.target_steps} steps (1:1:1), pair {scale.tuned_steps} steps from "
+        f"target_init, {scale.pretrain_batch} spans per step",
+        "continual training": f"{scale.continual_steps} steps × {scale.continual_batch} chunks, "
+        f"lr {LR:g} (10% warm-up, cosine to 10%), AdamW (0.9, 0.95), λ = {LAM} for fusion arms",
+        "arms": "; ".join(f"`{arm.name}`: {arm.description}" for arm in arm_list),
+        "teacher data": "; ".join(
+            f"{name}: {m['rows']} rows, {m['tokens']:,} tokens" for name, m in manifests.items()
+        ),
+        "repeat it": f"`fusion prepare {config_file.name}` then `fusion train "
+        f"{config_file.name}` in {out}",
+    }
+    write_report(out, results, settings)
+    return results

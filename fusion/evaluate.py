@@ -1,0 +1,164 @@
+"""Bits-per-byte and perplexity of local causal LMs (or ensembles) on held-out corpora.
+
+Bits per byte divides a text's total negative log-likelihood by its UTF-8 size, so models with
+different tokenizers are compared on the same footing; perplexity is per token of the model's
+own tokenizer. Every window of a document starts with the tokenizer's BOS (or EOS when it has
+no BOS, as GPT-2 style evaluations do), so every byte is predicted. A document longer than a
+window is scored in consecutive windows without overlap. The average over domains is the
+unweighted mean, so a large domain does not drown a small one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fusion.config import DataConfig, ModelConfig
+from fusion.corpus import plan_shards, read_documents
+from fusion.errors import FusionError
+from fusion.models import load_causal_lm, load_tokenizer, vocab_fingerprint
+
+
+class EvalError(FusionError):
+    """An evaluation that cannot run as asked (models, corpora or their combination)."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """A model's summed negative log-likelihood over a corpus, and what it covered."""
+
+    nll: float
+    tokens: int
+    bytes: int
+
+    @property
+    def bpb(self) -> float:
+        return self.nll / math.log(2) / self.bytes
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+
+def read_texts(path: str) -> list[str]:
+    """The documents of a corpus file or folder (text, JSONL with ``text``, Parquet)."""
+    data = DataConfig(paths=[path])
+    texts = [doc.text for shard in plan_shards(data) for doc in read_documents(shard, data)]
+    texts = [text for text in texts if text]
+    if not texts:
+        raise EvalError(f"{path}: holds no non-empty document to evaluate on")
+    return texts
+
+
+def _prefix_id(tokenizer) -> int:
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise EvalError(
+        f"tokenizer {tokenizer.name_or_path!r} has neither a BOS nor an EOS token to start "
+        "windows with"
+    )
+
+
+def windows(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Each text's token ids cut into windows of ``max_length``, each starting with BOS."""
+    prefix, step = _prefix_id(tokenizer), max_length - 1
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [[prefix, *ids[i : i + step]] for ids in encoded for i in range(0, len(ids), step)]
+
+
+@torch.no_grad()
+def score(
+    models: Sequence[torch.nn.Module],
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int = 1024,
+    batch_size: int = 8,
+) -> Score:
+    """Score ``texts`` with one model, or an ensemble averaging the models' probabilities."""
+    device = next(models[0].parameters()).device
+    pieces = sorted(windows(tokenizer, texts, max_length), key=len)
+    nll, tokens = 0.0, 0
+    for start in range(0, len(pieces), batch_size):
+        batch = pieces[start : start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, piece in enumerate(batch):
+            ids[row, : len(piece)] = torch.tensor(piece)
+            mask[row, : len(piece)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        labels = ids[:, 1:]
+        per_model = []
+        for model in models:
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            log_probs = logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            per_model.append(log_probs)
+        log_probs = torch.logsumexp(torch.stack(per_model), dim=0) - math.log(len(models))
+        real = mask[:, 1:].bool()
+        nll -= float(log_probs[real].double().sum())
+        tokens += int(real.sum())
+    size = sum(len(text.encode("utf-8")) for text in texts)
+    return Score(nll=nll, tokens=tokens, bytes=size)
+
+
+def _load(path: str, device: str, dtype: str):
+    model = load_causal_lm(ModelConfig(path=path, dtype=dtype), path, device)
+    return model, load_tokenizer(path)
+
+
+def evaluate(
+    members: Mapping[str, Sequence[str]],
+    corpora: Mapping[str, str],
+    *,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, dict]:
+    """Per named model (one folder) or ensemble (several sharing a vocabulary): bpb and ppl.
+
+    Returns ``{name: {"bpb": {domain: float}, "perplexity": {domain: float},
+    "avg_bpb": float}}``.
+    """
+    from transformers.utils import logging
+
+    if not corpora:
+        raise EvalError("no corpus to evaluate on: give at least one DOMAIN=PATH")
+    logging.disable_progress_bar()  # one bar per weight file drowns the results
+    texts = {domain: read_texts(path) for domain, path in corpora.items()}
+    results = {}
+    for name, folders in members.items():
+        if not folders:
+            raise EvalError(f"{name}: names no model folder")
+        loaded = [_load(folder, device, dtype) for folder in folders]
+        tokenizer = loaded[0][1]
+        vocabularies = {vocab_fingerprint(tok) for _, tok in loaded}
+        if len(vocabularies) > 1:
+            raise EvalError(
+                f"{name}: an ensemble averages probabilities token by token, so its members "
+                f"must share one vocabulary; {list(folders)} do not"
+            )
+        models = [model for model, _ in loaded]
+        scores = {
+            domain: score(
+                models, tokenizer, domain_texts, max_length=max_length, batch_size=batch_size
+            )
+            for domain, domain_texts in texts.items()
+        }
+        results[name] = summarise(scores)
+    return results
+
+
+def summarise(scores: Mapping[str, Score]) -> dict:
+    """The report entry of one model: bpb and perplexity per domain, and average bpb."""
+    bpb = {domain: round(s.bpb, 5) for domain, s in scores.items()}
+    return {
+        "bpb": bpb,
+        "perplexity": {domain: round(s.perplexity, 4) for domain, s in scores.items()},
+        "avg_bpb": round(sum(bpb.values()) / len(bpb), 5),
+    }
