@@ -48,8 +48,8 @@ class SourceConfig(ModelConfig):
 
     name: str
     """Identifier used in column names: letters, digits, '_' and '-', starting with a letter."""
-    backend: Literal["hf"] = "hf"
-    """'hf' runs transformers (the vLLM backend comes with the cluster work)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """'hf' runs transformers; 'vllm' runs vLLM's engine (optional extra `fusion[vllm]`)."""
     actors: Annotated[int, Field(ge=1)] = 1
     """Actors in this source's pool; more actors, more throughput."""
     num_cpus: Annotated[float, Field(ge=0)] = 1.0

@@ -91,7 +91,10 @@ class ForwardStage:
         set_threads(num_cpus)
         self.name = name
         self.field = "target" if name == TARGET else f"source {name!r}"
-        self.reader = HFTopK(model, self.field, num_gpus=num_gpus, top_k=top_k)
+        backend = HFTopK
+        if getattr(model, "backend", "hf") == "vllm":
+            from fusion.backends.vllm import VLLMTopK as backend
+        self.reader = backend(model, self.field, num_gpus=num_gpus, top_k=top_k)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         row_ids = list(batch["id"])

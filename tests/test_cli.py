@@ -1,9 +1,6 @@
-"""The `fusion` command line: help, the demo, and clear errors for bad paths."""
+"""The `fusion` command line: help and clear errors for bad paths."""
 
 from __future__ import annotations
-
-import json
-import math
 
 from typer.testing import CliRunner
 
@@ -15,18 +12,9 @@ runner = CliRunner()
 def test_help_lists_every_command_with_its_help_text():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "demo" in result.output and "Run the embedded demo" in result.output
+    assert "demo" in result.output and "Run a real fusion experiment" in result.output
+    assert "eval" in result.output and "Bits per byte" in result.output
     assert "align" in result.output and "Align two tokenizations" in result.output
-
-
-def test_quick_demo_writes_a_complete_finite_summary(tmp_path):
-    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["spans"] > 0 and summary["target_tokens"] > 0
-    assert all(math.isfinite(value) for value in summary.values())
-    assert 0.5 < summary["dtw_one_to_one_fraction"] <= 1.0
-    assert (tmp_path / "tokenizers" / "target" / "tokenizer.json").is_file()
 
 
 def test_align_prints_the_pairs_of_two_saved_tokenizers(

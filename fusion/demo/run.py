@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -96,6 +97,7 @@ def run_demo(
 ) -> dict:
     """Run the whole experiment under ``out`` and return ``results.json``'s content."""
     import ray
+    import ray.data
 
     started = time.perf_counter()
     scale = scale or (QUICK if quick else FULL)
@@ -103,6 +105,8 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
+    logging.getLogger("ray").setLevel(logging.WARNING)  # the demo prints its own progress
+    ray.data.DataContext.get_current().issue_detectors_config.detectors = []
     phases: dict[str, float] = {}
 
     def phase(name: str, tick: float) -> float:

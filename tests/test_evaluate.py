@@ -1,0 +1,85 @@
+"""`fusion eval`: bits per byte and perplexity as the model's own loss defines them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from typer.testing import CliRunner
+
+from fusion.cli import app
+from fusion.evaluate import evaluate, score
+
+runner = CliRunner()
+TEXTS = ["def f(x):\n    return x + 1\n", "The quick brown fox jumps over the lazy dog."]
+
+
+def test_bits_per_byte_is_the_models_own_loss_over_the_bytes(model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from fusion.models import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["target"]).eval()
+    tokenizer = load_tokenizer(model_dirs["target"])
+    nll, tokens = 0.0, 0
+    for text in TEXTS:
+        ids = torch.tensor(
+            [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]]
+        )
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.item()
+        nll += loss * (ids.shape[1] - 1)
+        tokens += ids.shape[1] - 1
+    result = score([model], tokenizer, TEXTS, max_length=64, batch_size=2)
+    size = sum(len(t.encode()) for t in TEXTS)
+    assert result.tokens == tokens and result.bytes == size
+    assert math.isclose(result.bpb, nll / math.log(2) / size, rel_tol=1e-4)
+    assert math.isclose(result.perplexity, math.exp(nll / tokens), rel_tol=1e-4)
+
+
+def test_an_ensemble_of_one_model_twice_scores_as_the_model(model_dirs, tmp_path):
+    corpus = tmp_path / "held.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    target = str(model_dirs["target"])
+    results = evaluate({"one": [target], "twice": [target, target]}, {"mixed": str(corpus)})
+    assert math.isclose(results["one"]["avg_bpb"], results["twice"]["avg_bpb"], rel_tol=1e-5)
+
+
+def test_eval_cli_prints_a_table_and_writes_json(model_dirs, tmp_path):
+    corpus = tmp_path / "held.txt"
+    corpus.write_text(TEXTS[1], encoding="utf-8")
+    out = tmp_path / "results.json"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "-m",
+            f"t={model_dirs['target']}",
+            "-m",
+            f"g={model_dirs['gpt2']}",
+            "-d",
+            f"prose={corpus}",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert set(saved) == {"t", "g"} and saved["t"]["bpb"]["prose"] > 0
+
+
+def test_eval_refuses_an_ensemble_of_different_vocabularies(model_dirs, tmp_path):
+    corpus = tmp_path / "held.txt"
+    corpus.write_text(TEXTS[0], encoding="utf-8")
+    result = runner.invoke(
+        app,
+        ["eval", "-m", f"mix={model_dirs['target']}+{model_dirs['gpt2']}", "-d", f"c={corpus}"],
+    )
+    assert result.exit_code == 2
+    assert "mix" in result.output and "share one vocabulary" in result.output
+
+
+def test_eval_names_a_malformed_option(tmp_path):
+    result = runner.invoke(app, ["eval", "-m", "no-equals-sign", "-d", f"c={tmp_path}"])
+    assert result.exit_code == 2 and "expected NAME=PATH" in result.output
