@@ -81,6 +81,18 @@ def job_head():
 
 
 def _submit(address: str, env: dict, entrypoint: str, config: Path) -> subprocess.CompletedProcess:
+    """Submit a job; while the head's job agent has not registered yet, ask again."""
+    deadline = time.monotonic() + 120
+    while True:
+        result = _submit_once(address, env, entrypoint, config)
+        if "No available agent" not in result.stderr or time.monotonic() > deadline:
+            return result
+        time.sleep(1)
+
+
+def _submit_once(
+    address: str, env: dict, entrypoint: str, config: Path
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             str(BIN / "ray"),
@@ -163,3 +175,28 @@ def test_a_job_the_cluster_cannot_run_fails_fast_with_the_reason(
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
     assert time.monotonic() - started < 120
+
+
+def _forward_actors(address: str) -> set[str]:
+    """Ids of the actors that have finished ForwardStage batches on the cluster so far."""
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(
+        address=address,
+        filters=[("state", "=", "FINISHED")],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+    return {t.actor_id for t in tasks if t.actor_id and "ForwardStage" in (t.name or "")}
+
+
+def test_two_actors_of_one_source_both_receive_work(job_head, model_dirs, training_texts, tmp_path):
+    address, env = job_head
+    before = _forward_actors(address)
+    config = _config(
+        model_dirs, tmp_path, training_texts, **{"sources.actors": 2, "sources.batch_size": 1}
+    )
+    result = _submit(address, env, "prepare", config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    used = _forward_actors(address) - before
+    assert len(used) == 3, used  # the target's actor and both of the source's

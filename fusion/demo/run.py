@@ -35,15 +35,15 @@ QUICK = Scale(
     variants=False,
 )
 FULL = Scale(
-    code_chars=2_000_000,
-    arith_lines=40_000,
-    held_out_chars=30_000,
-    expert_steps=80,
+    code_chars=1_500_000,
+    arith_lines=30_000,
+    held_out_chars=20_000,
+    expert_steps=64,
     target_steps=30,
-    tuned_steps=25,
+    tuned_steps=20,
     continual_steps=60,
     continual_batch=16,
-    eval_every=10,
+    eval_every=20,
     variants=True,
 )
 
