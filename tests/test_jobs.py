@@ -51,6 +51,11 @@ def job_head():
             f"--dashboard-port={dashboard}",
             "--include-dashboard=true",
             f"--ray-client-server-port={_free_port()}",
+            # its own agent ports: another Ray on this machine may hold the defaults
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
             "--num-cpus=2",
             f"--temp-dir={temp}",
             "--disable-usage-stats",
