@@ -36,6 +36,9 @@ def main(
     ] = False,
 ) -> None:
     """Knowledge fusion of large language models (FuseLLM) on Ray."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local folders; never the hub
 
 
 @app.command()
@@ -44,7 +47,7 @@ def demo(
         Path, typer.Option(help="Folder for the demo's models, data and report.")
     ] = Path("fusion-demo"),
     quick: Annotated[
-        bool, typer.Option(help="A smaller world and budget, no FuseLLM variants (≈5 min).")
+        bool, typer.Option(help="A smaller world and budget, no FuseLLM variants (≈4 min).")
     ] = False,
 ) -> None:
     """Run a real fusion experiment on built-in text: does fusion beat its baselines?
@@ -103,6 +106,7 @@ def eval_command(
 
     from fusion.errors import FusionError
     from fusion.evaluate import evaluate
+    from fusion.files import write_text_atomically
 
     def pairs(values: list[str], option: str) -> dict[str, str]:
         parsed = {}
@@ -134,7 +138,7 @@ def eval_command(
         cells = " ".join(f"{entry['bpb'][d]:>12.4f}" for d in domains)
         typer.echo(f"{name:<20} {cells} {entry['avg_bpb']:>12.4f}")
     if output is not None:
-        output.write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomically(output, json.dumps(results, indent=2) + "\n")
         typer.echo(f"results written to {output}")
 
 
@@ -188,13 +192,11 @@ def validate(
     """Check a run configuration and its model folders; explain every problem by field."""
     from fusion.config import load_config
     from fusion.errors import FusionError
-    from fusion.models import check_model_folder
+    from fusion.models import check_models
 
     try:
         config = load_config(config_file)
-        check_model_folder(config.target, "target")
-        for index, source in enumerate(config.sources):
-            check_model_folder(source, f"sources.{index}")
+        check_models(config)
     except FusionError as error:
         raise _fail(error) from None
     names = ", ".join(s.name for s in config.sources)

@@ -35,6 +35,10 @@ class ModelConfig(_Strict):
     """Weights and compute dtype; bfloat16 on GPUs."""
     device: Device = "auto"
     """'auto' uses CUDA when the actor was given a GPU, else the CPU."""
+    attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """Attention kernel. 'auto' is 'eager' on CPUs, where it makes every row's logits
+    independent of the batch it was padded into (a resumed run writes the same bytes as an
+    uninterrupted one), and the transformers default on GPUs."""
     trust_remote_code: bool = False
     """Allow code shipped with the model to run. Off unless you trust its source."""
     allow_pickle: bool = False
@@ -200,6 +204,9 @@ class TrainConfig(_Strict):
     """'auto' continues from the latest checkpoint when there is one."""
     max_failures: Annotated[int, Field(ge=0)] = 0
     """Worker failures Ray Train recovers from (restarting from the latest checkpoint)."""
+    verify_data: Literal["sha256", "size"] = "sha256"
+    """How the teacher files are checked against the manifest before training: 'sha256'
+    reads every byte once; 'size' only compares lengths (for data sets of many terabytes)."""
     storage_path: str | None = None
     """Checkpoints, metrics and export live here; default <output.dir>/train."""
     log_every: Annotated[int, Field(ge=1)] = 1
@@ -298,13 +305,23 @@ def _resolve(path: str, base: Path) -> str:
     return str((base / path).resolve())
 
 
+def _resolve_model(path: str, base: Path) -> str:
+    """A model folder against ``base``; a hub id (``org/name``, no such folder) stays as it is,
+    so that loading can say it is one instead of naming a folder the user never wrote."""
+    resolved = _resolve(path, base)
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/"))
+    return path if looks_like_hub_id and not Path(resolved).exists() else resolved
+
+
 def resolve_paths(config: FusionConfig, base: Path) -> FusionConfig:
     """Make local paths absolute against ``base`` (the config file's folder)."""
     return config.model_copy(
         update={
-            "target": config.target.model_copy(update={"path": _resolve(config.target.path, base)}),
+            "target": config.target.model_copy(
+                update={"path": _resolve_model(config.target.path, base)}
+            ),
             "sources": [
-                s.model_copy(update={"path": _resolve(s.path, base)}) for s in config.sources
+                s.model_copy(update={"path": _resolve_model(s.path, base)}) for s in config.sources
             ],
             "data": config.data.model_copy(
                 update={"paths": [_resolve(p, base) for p in config.data.paths]}

@@ -153,7 +153,10 @@ def read_documents(shard: Shard, data: DataConfig) -> Iterator[Document]:
                 record, f"{shard.path}#{line_number}", data, f"{shard.path}:{line_number}"
             )
         return
-    table = _open_parquet(shard.path).read_row_group(shard.row_group)
+    try:
+        table = _open_parquet(shard.path).read_row_group(shard.row_group)
+    except (OSError, ValueError) as error:
+        raise CorpusError(f"{shard.name}: not a readable Parquet row group ({error})") from None
     for row_number, record in enumerate(table.to_pylist()):
         where = f"{shard.name} row {row_number}"
         yield _document(record, f"{shard.name}#{row_number}", data, where)

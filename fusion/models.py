@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from fusion.config import ModelConfig
+from fusion.config import FusionConfig, ModelConfig
 from fusion.errors import FusionError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -82,18 +82,51 @@ def check_model_folder(model: ModelConfig, field: str) -> None:
                 f"pickle can run code when loaded. Convert them to safetensors, or set "
                 f"{field}.allow_pickle: true if you trust their origin"
             )
-    if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        if config.get("auto_map") and not model.trust_remote_code:
-            raise ModelFolderError(
-                f"{field}.path {str(folder)!r} needs its own code (config.json has auto_map); "
-                f"set {field}.trust_remote_code: true only if you trust that code"
-            )
+    config = _model_config(folder)
+    if config.get("auto_map") and not model.trust_remote_code:
+        raise ModelFolderError(
+            f"{field}.path {str(folder)!r} needs its own code (config.json has auto_map); "
+            f"set {field}.trust_remote_code: true only if you trust that code"
+        )
     tokenizer = load_tokenizer(folder, trust_remote_code=model.trust_remote_code)
     if not tokenizer.is_fast:
         raise ModelFolderError(
             f"{field}.path {str(folder)!r}: its tokenizer ({type(tokenizer).__name__}) is a slow "
             "tokenizer without character offsets; save a fast tokenizer (tokenizer.json)"
+        )
+    vocab_size = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise ModelFolderError(
+            f"{field}.path {str(folder)!r}: its tokenizer has {len(tokenizer)} tokens but "
+            f"config.json says vocab_size {vocab_size}, so ids from {vocab_size} on have no "
+            "embedding; the tokenizer and the weights do not belong together"
+        )
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def _model_config(folder: Path) -> dict:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFolderError(f"{config_file} is not valid JSON ({error})") from None
+
+
+def check_context(model: ModelConfig, field: str, length: int, length_field: str) -> None:
+    """Refuse sequences of ``length`` tokens that the model cannot read in one window."""
+    config = _model_config(Path(model.path))
+    config = config | config.get("text_config", {})
+    context = getattr(model, "max_length", None) or next(
+        (config[key] for key in _CONTEXT_KEYS if isinstance(config.get(key), int)), None
+    )
+    if context is not None and length > context:
+        raise ModelFolderError(
+            f"{length_field} is {length} tokens but {field} reads at most {context} "
+            f"(its config.json); lower {length_field}"
         )
 
 
@@ -103,9 +136,13 @@ def load_causal_lm(model: ModelConfig, field: str, device: str):
     from transformers import AutoModelForCausalLM
 
     check_model_folder(model, field)
+    attention = model.attention
+    if attention == "auto":
+        attention = "eager" if device == "cpu" else None
     loaded = AutoModelForCausalLM.from_pretrained(
         model.path,
         dtype=getattr(torch, model.dtype),
+        attn_implementation=attention,
         local_files_only=True,
         use_safetensors=None if model.allow_pickle or model.gguf_file else True,
         trust_remote_code=model.trust_remote_code,
@@ -139,3 +176,11 @@ def vocab_list(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of the token strings in id order: equal exactly when the ids mean the same."""
     return hashlib.sha256("\n".join(vocab_list(tokenizer)).encode()).hexdigest()[:16]
+
+
+def check_models(config: FusionConfig) -> None:
+    """Every configured model folder, and the target's context against the chunk length."""
+    check_model_folder(config.target, "target")
+    for index, source in enumerate(config.sources):
+        check_model_folder(source, f"sources.{index}")
+    check_context(config.target, "target", config.data.max_length, "data.max_length")

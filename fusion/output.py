@@ -12,6 +12,7 @@ deleted on the next run. ``run.json`` pins the config fingerprint before any par
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
@@ -38,11 +39,22 @@ class OutputError(FusionError):
 
 
 def _write_atomically(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file, then a rename.
+
+    A failed write (a full disk, a quota, a lost mount) removes its temporary file and
+    becomes an OutputError naming the file, so nothing half-written is left to trust.
+    """
     folder, name = path.rsplit("/", 1)
     temporary = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
-    with filesystem.open_output_stream(temporary) as stream:
-        stream.write(data)
-    filesystem.move(temporary, path)
+    try:
+        with filesystem.open_output_stream(temporary) as stream:
+            stream.write(data)
+        filesystem.move(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            filesystem.delete_file(temporary)
+        reason = " ".join(str(error).split())
+        raise OutputError(f"could not write {path} ({len(data):,} bytes): {reason}") from None
 
 
 def _read(filesystem: pafs.FileSystem, path: str) -> bytes:

@@ -21,7 +21,7 @@ from fusion.align import VocabBridge, detect_marker, exact_vocab_map, mined_voca
 from fusion.config import FusionConfig
 from fusion.corpus import CorpusError, Shard, plan_shards
 from fusion.errors import FusionError, user_error_from
-from fusion.models import check_model_folder, load_tokenizer, vocab_fingerprint, vocab_list
+from fusion.models import check_models, load_tokenizer, vocab_fingerprint, vocab_list
 from fusion.output import OutputDir
 from fusion.rows import FUSED, TARGET, schema
 from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
@@ -58,9 +58,11 @@ class PrepareSummary:
 def fingerprint(config: FusionConfig) -> str:
     """Hash of everything that changes the rows (not resources, Ray or where output goes)."""
     relevant = {
-        "target": config.target.model_dump(include={"path", "dtype", "as_teacher", "gguf_file"}),
+        "target": config.target.model_dump(
+            include={"path", "dtype", "attention", "as_teacher", "gguf_file"}
+        ),
         "sources": [
-            s.model_dump(include={"name", "path", "dtype", "backend", "gguf_file"})
+            s.model_dump(include={"name", "path", "dtype", "attention", "backend", "gguf_file"})
             for s in config.sources
         ],
         "data": config.data.model_dump(),
@@ -121,6 +123,17 @@ def check_cluster(
         )
 
 
+OFFLINE = {"HF_HUB_OFFLINE": "1"}  # models are local folders: no worker ever calls the hub
+
+
+def runtime_env(config: FusionConfig) -> dict:
+    """The job's runtime environment: the configured one, with the hub switched off unless
+    its env_vars say otherwise."""
+    env = dict(config.ray.runtime_env or {})
+    env["env_vars"] = OFFLINE | dict(env.get("env_vars") or {})
+    return env
+
+
 def ensure_ray(config: FusionConfig):
     """Join the configured cluster (or RAY_ADDRESS inside a job), or start a local Ray."""
     import ray
@@ -128,7 +141,7 @@ def ensure_ray(config: FusionConfig):
     if not ray.is_initialized():
         ray.init(
             address=config.ray.address,
-            runtime_env=config.ray.runtime_env or None,
+            runtime_env=runtime_env(config),
             include_dashboard=False,
             log_to_driver=False,
         )
@@ -205,9 +218,7 @@ def prepare(
 ) -> PrepareSummary:
     """Run (or resume) the prepare pipeline and write the manifest when every shard is done."""
     started = time.perf_counter()
-    check_model_folder(config.target, "target")
-    for index, source in enumerate(config.sources):
-        check_model_folder(source, f"sources.{index}")
+    check_models(config)
     shards = plan_shards(config.data)
     out = OutputDir(config.output.dir)
     resolved = config.model_dump(mode="json")

@@ -4,9 +4,11 @@ The fused teacher rows flow from the Ray Data pipeline to the training workers a
 made; model actors and training workers share the cluster, so their CPU and GPU requests are
 checked together up front. The number of rows is not known before the stream ends, so
 ``train.max_steps`` sets the schedule. Resuming continues from the latest checkpoint's weights,
-optimizer and step, and skips as many rows of the new stream as were consumed; the stream's
-order is not reproducible, so for an exactly reproducible resume, materialise with
-`fusion prepare` and `fusion train`.
+optimizer and step, and skips as many micro-batches of the new stream as were consumed. The
+stream keeps corpus order, so with one training worker a resumed run trains on exactly the
+rows an uninterrupted one would; several workers take rows as they ask for them, so around
+the resume point some rows may be seen twice or not at all — for an exact resume there,
+materialise with `fusion prepare` and `fusion train`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pyarrow as pa
 
 from fusion.config import ConfigError, FusionConfig
 from fusion.corpus import plan_shards
-from fusion.models import check_model_folder
+from fusion.models import check_models
 from fusion.pipeline import SMALL_CPU, candidates, check_cluster, ensure_ray, teacher_dataset
 from fusion.rows import FUSED, schema, to_table
 from fusion.train import TrainSummary, check_training_resources, fit, train_settings
@@ -35,9 +37,7 @@ def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
             "with `fusion prepare` and use `fusion train`"
         )
     config = config.model_copy(update={"train": train})
-    check_model_folder(config.target, "target")
-    for index, source in enumerate(config.sources):
-        check_model_folder(source, f"sources.{index}")
+    check_models(config)
     shards = plan_shards(config.data)
     ray = ensure_ray(config)
     ray.data.DataContext.get_current().enable_progress_bars = not quiet

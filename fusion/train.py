@@ -6,6 +6,7 @@ the storage path and a re-run with ``resume: auto`` continues from the latest on
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,8 @@ def check_dataset(run: FusionConfig) -> dict:
     missing_files = [str(f) for f in files if not f.is_file()]
     if missing_files:
         raise DatasetMismatchError(f"files listed in the manifest are missing: {missing_files[:3]}")
+    for entry, file in zip(manifest["files"], files, strict=True):
+        verify_file(file, entry, train_settings(run).verify_data)
     schema = pq.read_schema(files[0])
     needed = ["input_ids", f"{teacher}.topk_ids", f"{teacher}.topk_logits"]
     absent = [c for c in needed if c not in schema.names]
@@ -84,6 +87,26 @@ def check_dataset(run: FusionConfig) -> dict:
             f"the files hold top-{k} teachers but the manifest says top-{manifest.get('top_k')}"
         )
     return manifest
+
+
+def verify_file(file: Path, entry: dict, how: str) -> None:
+    """Refuse a teacher file whose size or SHA-256 differs from its manifest entry."""
+    size = file.stat().st_size
+    if size != entry["bytes"]:
+        raise DatasetMismatchError(
+            f"{file} has {size:,} bytes but the manifest says {entry['bytes']:,}: the file was "
+            "truncated or replaced; re-run `fusion prepare` into a new output.dir"
+        )
+    if how == "sha256":
+        digest = hashlib.sha256()
+        with file.open("rb") as stream:
+            while block := stream.read(1 << 22):
+                digest.update(block)
+        if digest.hexdigest() != entry["sha256"]:
+            raise DatasetMismatchError(
+                f"{file}: its SHA-256 differs from the manifest's: the file is corrupted; "
+                "re-run `fusion prepare` into a new output.dir"
+            )
 
 
 def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
@@ -113,7 +136,8 @@ def fit(
 
     A materialised data set (``rows`` known) is read whole by every worker in file order,
     each keeping its own rows of each global micro-batch: a deterministic order is what makes
-    resuming exact. A streamed one is split between the workers as it arrives.
+    resuming exact. A streamed one arrives in corpus order and is split between the workers
+    as they ask for rows.
     """
     import ray.data
     import ray.train
@@ -155,7 +179,8 @@ def fit(
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(
             datasets_to_split="all" if streamed else [],
-            execution_options=ray.data.ExecutionOptions(preserve_order=not streamed),
+            # In order, so a streamed run read by one worker resumes exactly (see run.py).
+            execution_options=ray.data.ExecutionOptions(preserve_order=True),
         ),
     )
     try:

@@ -102,19 +102,7 @@ def test_killed_training_resumes_to_the_same_weights(zero2_run, tmp_path):
     storage = tmp_path / "killed"
     config = _with_train(raw, storage) | {"ray": {"address": ray_address()}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("fusion")), "train", str(tmp_path / "run.yaml"), "-q"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while not _registered_checkpoint(storage / "fusion-train"):
-        assert process.poll() is None, "training ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.1)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (storage / "export").exists()
+    kill_after_first_checkpoint("train", tmp_path / "run.yaml", storage)
 
     resumed = train(parse_config(_with_train(raw, storage)), quiet=True)
     assert resumed.steps == uninterrupted.steps
@@ -126,6 +114,23 @@ def test_killed_training_resumes_to_the_same_weights(zero2_run, tmp_path):
     expected, got = _weights(Path(uninterrupted.export_dir)), _weights(Path(resumed.export_dir))
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def kill_after_first_checkpoint(command: str, config: Path, storage: Path) -> None:
+    """Start `fusion COMMAND CONFIG`, SIGKILL it once Ray Train has registered a checkpoint."""
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("fusion")), command, str(config), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not _registered_checkpoint(storage / "fusion-train"):
+        assert process.poll() is None, f"fusion {command} ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (storage / "export").exists()
 
 
 def _registered_checkpoint(run_dir: Path) -> bool:

@@ -88,17 +88,19 @@ class HFTopK:
             raise ModelOutputError(
                 f"{self.field} produced NaN or infinite logits for row {row_ids[row]!r}"
             )
-        # Mean next-token CE per row: logsumexp minus the label's logit over real predictions.
-        scored = real[:, 1:]
-        nll = torch.logsumexp(logits[:, :-1], -1) - logits[:, :-1].gather(
-            -1, batch[:, 1:, None]
-        ).squeeze(-1)
-        counts = scored.sum(-1)
-        ce = (nll.masked_fill(~scored, 0.0).sum(-1) / counts.clamp_min(1)).cpu()
-        # A one-token reading predicts nothing: no evidence, so it never wins MinCE.
-        ce = torch.where(counts.cpu() > 0, ce, torch.tensor(float("inf")))
+        # Mean next-token CE per row: logsumexp minus the label's logit over real predictions,
+        # summed over the row's own positions only, so padding never changes the sum's order.
+        nll = (
+            torch.logsumexp(logits[:, :-1], -1)
+            - logits[:, :-1].gather(-1, batch[:, 1:, None]).squeeze(-1)
+        ).cpu()
         values, indices = values.cpu().numpy(), indices.int().cpu().numpy()
+        # A one-token reading predicts nothing: no evidence, so it never wins MinCE.
         return [
-            TopK(indices[row, :length], values[row, :length], float(ce[row]))
+            TopK(
+                indices[row, :length],
+                values[row, :length],
+                float(nll[row, : length - 1].mean()) if length > 1 else float("inf"),
+            )
             for row, length in enumerate(lengths.tolist())
         ]

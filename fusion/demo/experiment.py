@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fusion.config import FusionConfig, config_to_yaml, parse_config
 from fusion.demo.world import SOURCES, TARGET, Scale, World
+from fusion.files import write_text_atomically
 
 LAM = 0.9
 LR = 1e-3
@@ -147,7 +148,7 @@ def write_run_config(world: World, out: Path, scale: Scale) -> Path:
     import yaml
 
     file = out / "config.yaml"
-    file.write_text(header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    write_text_atomically(file, header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
     parse_config(raw, base=out)  # what we wrote must be a valid config
     return file
 

@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from fusion.files import write_text_atomically
+
 
 def learning_curve(metrics_file: Path) -> list[tuple[int, float]]:
     """(tokens seen, held-out average bpb) from a training run's ``metrics.jsonl``."""
@@ -158,7 +160,7 @@ def write_report(out: Path, results: dict, settings: Mapping[str, object]) -> No
         "larger budget and the FuseLLM variants.",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text_atomically(out / "report.md", "\n".join(lines))
 
 
 def plot_bpb(file: Path, models: Mapping[str, dict], domains: Sequence[str]) -> None:

@@ -20,6 +20,7 @@ from fusion.demo.experiment import (
 )
 from fusion.demo.report import learning_curve, token_efficiency, verdict, write_report
 from fusion.demo.world import PAIR, SOURCES, TARGET, TOKENIZERS, Scale, World, build_world
+from fusion.files import write_text_atomically
 
 QUICK = Scale(
     code_chars=1_000_000,
@@ -172,7 +173,7 @@ def run_demo(
         "quick": scale.variants is False,
         "config": str(config_file),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomically(out / "results.json", json.dumps(results, indent=2) + "\n")
     settings = {
         "models": f"d={scale.width}, {scale.layers} layers, 4 heads; sources "
         + ", ".join(f"{s.name} = {s.architecture} + {TOKENIZERS[s.tokenizer]}" for s in SOURCES)
