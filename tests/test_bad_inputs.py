@@ -43,7 +43,7 @@ def world(tmp_path_factory, model_dirs, training_texts) -> Path:
 
 def _raw(world: Path, out: Path) -> dict:
     return {
-        "target": {"path": str(world / "target"), "num_cpus": 0.3},
+        "target": {"path": str(world / "target"), "num_cpus": 0.3, "as_teacher": False},
         "sources": [{"name": "coder", "path": str(world / "coder"), "num_cpus": 0.3}],
         "data": {"paths": [str(world / "corpus.jsonl")], "max_length": 48},
         "output": {"dir": str(out), "rows_per_file": 4},
@@ -291,12 +291,6 @@ def _invalid_utf8(raw, world, tmp):
     return raw
 
 
-def _row_without_text(raw, world, tmp):
-    (tmp / "rows.jsonl").write_text('{"text": "fine text here"}\n{"body": "no text field"}\n')
-    raw["data"]["paths"] = [str(tmp / "rows.jsonl")]
-    return raw
-
-
 def _nan_logits(raw, world, tmp):
     import torch
     from transformers import AutoModelForCausalLM
@@ -314,7 +308,6 @@ PIPELINE_CASES: dict[str, tuple[Breakage, str]] = {
     "empty corpus": (_empty_corpus, r"yield no chunk of two or more target tokens"),
     "only empty documents": (_empty_documents, r"yield no chunk of two or more target tokens"),
     "invalid UTF-8": (_invalid_utf8, r"bad\.jsonl: not valid UTF-8 at byte"),
-    "row without its text field": (_row_without_text, r"rows\.jsonl:2: field 'text'.* missing"),
     "NaN logits from a source": (
         _nan_logits,
         r"source 'coder' produced NaN or infinite logits for row '.*corpus\.jsonl#\d+:\d+'",

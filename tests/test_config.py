@@ -38,12 +38,18 @@ def test_minimal_config_gets_reference_defaults():
 
 
 def test_relative_paths_are_resolved_against_the_config_folder(tmp_path):
-    (tmp_path / "run.yaml").write_text(
-        yaml.safe_dump(_raw(**{"data.paths": ["s3://bucket/x", "c.txt"]}))
-    )
+    raw = _raw(**{"data.paths": ["s3://bucket/x", "c.txt"], "sources.0.path": "./gone/gpt2"})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "models" / "target").mkdir(parents=True)
     config = load_config(tmp_path / "run.yaml")
     assert config.target.path == str(tmp_path / "models" / "target")
+    assert config.sources[0].path == str(tmp_path / "gone" / "gpt2")
     assert config.data.paths == ["s3://bucket/x", str(tmp_path / "c.txt")]
+
+
+def test_a_model_path_like_a_hub_id_that_is_no_folder_stays_as_written(tmp_path):
+    config = parse_config(_raw(**{"target.path": "org/model"}), base=tmp_path)
+    assert config.target.path == "org/model"  # so the error can say it looks like a hub id
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):

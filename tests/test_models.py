@@ -81,7 +81,7 @@ def test_validate_command_accepts_a_good_config_and_names_a_bad_folder(model_dir
     raw = {
         "target": {"path": str(model_dirs["target"])},
         "sources": [{"name": "coder", "path": str(model_dirs["gpt2"])}],
-        "data": {"paths": ["corpus.jsonl"]},
+        "data": {"paths": ["corpus.jsonl"], "max_length": 1024},  # the tiny models' context
         "output": {"dir": "out"},
     }
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump(raw))

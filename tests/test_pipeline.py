@@ -235,14 +235,16 @@ def test_a_source_actor_dying_mid_batch_is_restarted_and_no_row_is_lost_or_repea
     }
     (crashing / "config.json").write_text(json.dumps(config))
     raw = _raw_config(world, tmp_path / "out")
-    raw["sources"][0] |= {"path": str(crashing), "trust_remote_code": True}
+    raw["sources"] = [raw["sources"][0] | {"path": str(crashing), "trust_remote_code": True}]
 
     resumed = prepare(parse_config(raw), quiet=True)
     assert marker.exists(), "the source actor never died"
     assert resumed.rows == summary.rows
     got = pq.read_table(tmp_path / "out" / "data").sort_by("id")
     expected = pq.read_table(full_out / "data").sort_by("id")
-    for name in expected.column_names:
+    shared = [c for c in got.column_names if not c.startswith("fused.")]  # fewer candidates
+    assert {"id", "target.topk_logits", "coder.topk_ids", "coder.ce"} <= set(shared)
+    for name in shared:
         assert got[name].to_pylist() == expected[name].to_pylist(), name
 
 
