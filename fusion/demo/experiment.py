@@ -81,11 +81,13 @@ def _relative(path: Path, root: Path) -> str:
 def raw_config(world: World, out: Path, scale: Scale, dataset: str = "main") -> dict:
     """The run config of a data set (paths relative to ``out``), with the fused arm's training."""
     sources = [
-        {"name": spec.name, "path": _relative(world.models[spec.name], out), "num_cpus": 0.35}
+        {"name": spec.name, "path": _relative(world.models[spec.name], out), "num_cpus": 0.25}
         for spec in SOURCES
     ]
+    # Fractions small enough that `fusion run` (actors and the training worker side by side)
+    # also fits two CPUs; the threads a worker computes with are set by cpu_threads.
     raw = {
-        "target": {"path": _relative(world.models[TARGET.name], out), "num_cpus": 0.35},
+        "target": {"path": _relative(world.models[TARGET.name], out), "num_cpus": 0.25},
         "sources": sources,
         "data": {
             "paths": [_relative(world.continual, out)],
@@ -101,7 +103,7 @@ def raw_config(world: World, out: Path, scale: Scale, dataset: str = "main") -> 
             "lr": LR,
             "strategy": "ddp",
             "num_workers": 1,
-            "cpus_per_worker": 1.0,
+            "cpus_per_worker": 0.4,
             "cpu_threads": 2,
             "precision": "bf16",
             "global_batch_size": scale.continual_batch,
