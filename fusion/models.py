@@ -120,9 +120,7 @@ def check_context(model: ModelConfig, field: str, length: int, length_field: str
     """Refuse sequences of ``length`` tokens that the model cannot read in one window."""
     config = _model_config(Path(model.path))
     config = config | config.get("text_config", {})
-    context = getattr(model, "max_length", None) or next(
-        (config[key] for key in _CONTEXT_KEYS if isinstance(config.get(key), int)), None
-    )
+    context = next((config[key] for key in _CONTEXT_KEYS if isinstance(config.get(key), int)), None)
     if context is not None and length > context:
         raise ModelFolderError(
             f"{length_field} is {length} tokens but {field} reads at most {context} "
