@@ -15,15 +15,17 @@ from fusion.toy import train_tokenizer
 settings.register_profile("deterministic", derandomize=True, deadline=None, print_blob=True)
 settings.load_profile("deterministic")
 
-SHARED = Path(os.environ.get("FUSION_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-GOLDEN = SHARED / "golden" / "fusellm_public.json"
+# A copy of shared/golden/fusellm_public.json travels with the repository, so a clone with
+# nothing beside it runs every test; FUSION_GOLDEN points at another copy to check against.
+DATA = Path(__file__).resolve().parent / "data"
+GOLDEN = Path(os.environ.get("FUSION_GOLDEN", DATA / "fusellm_public.json"))
 
 
 @pytest.fixture(scope="session")
 def golden() -> dict:
     if not GOLDEN.is_file():
         pytest.fail(
-            f"golden vectors not found at {GOLDEN}; set FUSION_SHARED to the shared/ folder"
+            f"golden vectors not found at {GOLDEN}; restore tests/data/ or set FUSION_GOLDEN"
         )
     return json.loads(GOLDEN.read_text(encoding="utf-8"))
 
