@@ -17,6 +17,14 @@ TEXT = (
 )
 
 
+SAMPLES = {
+    "code": TEXT + "\n\n\nclass A:\n\tpass\n        # deep indent\n  \n",
+    "prose": "The café's naïve owner — Zoë — said: «¿Qué?»  Twice.\n\nThen  left.",
+    "math": "12 + 7 = 19\n3.14159 * 2 = 6.28318\n  -42 / 6 = -7\n1,000,000 ≥ 10⁶ ∑x²",
+    "non_ascii": "日本語のテキスト 😀👍🏽 Ελληνικά\r\n\u00a0русский\t\tend ",
+}
+
+
 @pytest.fixture(scope="module")
 def gpt2():
     return gpt2_tokenizer()
@@ -39,6 +47,17 @@ def test_fast_dtw_equals_slow_dtw_on_gpt2_and_mistral_tokens(gpt2, mistral):
         assert dtw_align(source, target, tie_break=tie_break) == dtw_align_slow(
             source, target, tie_break=tie_break
         )
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "mistral"])
+@pytest.mark.parametrize("kind", list(SAMPLES))
+def test_identical_real_tokenizations_pair_every_position_with_itself(tokenizer, kind, request):
+    tok = request.getfixturevalue(tokenizer)
+    offsets = tok(SAMPLES[kind], add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"
+    ]
+    alignment = offset_align(offsets, offsets, SAMPLES[kind])
+    assert alignment.target_to_source == [[p] for p in range(len(offsets))]
 
 
 def test_offset_pairs_carry_identical_next_tokens_where_spellings_agree(gpt2, mistral):
