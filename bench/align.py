@@ -132,7 +132,7 @@ def main() -> None:
             mapping=mapping,
         )
     )
-    ids, _ = bridge.transfer(target_ids, source_ids, topk_ids, topk_logits, alignment)
+    ids, _, _ = bridge.transfer(target_ids, source_ids, topk_ids, topk_logits, alignment)
     assert [row[row >= 0].tolist() for row in ids] == slow_result[0], "transfers disagree"
     rows.append(
         (

@@ -14,6 +14,8 @@ import pyarrow.compute as pc
 import torch
 
 from fusion.align import PAD_ID
+from fusion.fuse import NO_TEACHER
+from fusion.rows import FUSED, TARGET
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -24,14 +26,30 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return array.to_numpy(zero_copy_only=False)
 
 
-def fallback_positions(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Positions whose teacher is the one-hot fallback: a single entry with logit 1.0.
+def own_column(teacher: str) -> str | None:
+    """The column that says where ``teacher`` holds a distribution of its own: ``fused.choice``
+    (-2 where no candidate could teach), ``<source>.aligned``; the target is its own always."""
+    if teacher == FUSED:
+        return f"{FUSED}.choice"
+    return None if teacher == TARGET else f"{teacher}.aligned"
 
-    Real top-k rows keep k entries (fewer only when mapped duplicates drop out), so a lone
-    entry of logit exactly 1.0 is the transfer's fallback, not a model's distribution.
-    """
-    present = ids != PAD_ID
-    return (present.sum(-1) == 1) & (logits[..., 0] == 1.0)
+
+def teacher_columns(teacher: str) -> list[str]:
+    """The columns training reads for ``teacher``."""
+    own = own_column(teacher)
+    return ["id", "input_ids", f"{teacher}.topk_ids", f"{teacher}.topk_logits"] + (
+        [own] if own else []
+    )
+
+
+def fallback_positions(table: pa.Table, teacher: str) -> np.ndarray:
+    """Flat mask over the table's tokens: where ``teacher`` holds a fallback, not its own
+    distribution (read from the data, never guessed from a row's shape)."""
+    column = own_column(teacher)
+    if column is None:
+        return np.zeros(int(pc.sum(pc.list_value_length(table["input_ids"])).as_py()), bool)
+    marks = _flat(table[column])
+    return marks == NO_TEACHER if teacher == FUSED else ~marks.astype(bool)
 
 
 def collate(
@@ -54,7 +72,8 @@ def collate(
     topk_logits[rows, cols] = logits
     teacher_mask = attention.astype(np.float32)
     if mask_fallback:
-        teacher_mask[fallback_positions(topk_ids, topk_logits)] = 0.0
+        fallback = fallback_positions(table, teacher)
+        teacher_mask[rows[fallback], cols[fallback]] = 0.0
     return {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention),

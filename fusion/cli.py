@@ -238,6 +238,66 @@ def prepare(
     typer.echo(f"prepared {summary.output_dir}: {summary.line()}")
 
 
+@app.command()
+def inspect(
+    data_dir: Annotated[Path, typer.Argument(help="A prepared data folder (its manifest.json).")],
+    row: Annotated[
+        str | None, typer.Option("--row", help="Show this row (its id) position by position.")
+    ] = None,
+    positions: Annotated[int, typer.Option(min=1, help="Positions of --row to show.")] = 40,
+) -> None:
+    """What the teacher data will teach: coverage, choices, fallbacks, the teacher's own CE."""
+    from fusion.errors import FusionError
+    from fusion.inspect import inspect_lines
+
+    try:
+        lines = inspect_lines(data_dir, row, positions)
+    except FusionError as error:
+        raise _fail(error) from None
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def refuse(
+    data_dir: Annotated[Path, typer.Argument(help="A prepared data folder to fuse again.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the re-fused data set.")],
+    method: Annotated[str, typer.Option(help="min_ce or avg_ce.")] = "min_ce",
+    granularity: Annotated[str, typer.Option(help="token or sequence.")] = "token",
+    ce_unit: Annotated[str, typer.Option(help="auto, token or byte (per sequence).")] = "auto",
+    no_teacher: Annotated[str, typer.Option(help="one_hot or mask.")] = "one_hot",
+    target: Annotated[
+        bool | None,
+        typer.Option("--target/--no-target", help="Keep or drop the target as a candidate."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Delete an output folder that holds another run.")
+    ] = False,
+) -> None:
+    """Fuse a prepared data set again another way (no model runs): a new data set."""
+    from pydantic import ValidationError
+
+    from fusion.config import FuseConfig
+    from fusion.errors import FusionError
+    from fusion.inspect import inspect_lines
+    from fusion.refuse import refuse as run_refuse
+
+    try:
+        fuse = FuseConfig(
+            method=method, granularity=granularity, ce_unit=ce_unit, no_teacher=no_teacher
+        )
+    except ValidationError as error:
+        problems = "; ".join(
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in error.errors()
+        )
+        raise _fail(problems) from None
+    try:
+        summary = run_refuse(data_dir, out_dir, fuse, with_target=target, overwrite=overwrite)
+        typer.echo(f"fused {summary.output_dir}: {summary.line()}")
+        typer.echo("\n".join(inspect_lines(out_dir)))
+    except FusionError as error:
+        raise _fail(error) from None
+
+
 def _human(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if size < 1000 or unit == "TB":

@@ -129,6 +129,20 @@ class FuseConfig(_Strict):
     """MinCE takes the candidate with the lowest CE; AvgCE mixes them."""
     granularity: Literal["sequence", "token"] = "sequence"
     """Choose once per chunk or per position."""
+    ce_unit: Literal["auto", "token", "byte"] = "auto"
+    """What a per-sequence CE is divided by: 'token' (the reference: each model's mean NLL
+    per token of its own tokenization, which favours tokenizers that split more) or 'byte'
+    (total NLL over the chunk's UTF-8 bytes, comparable across tokenizers). 'auto' is
+    'byte' in clean mode and 'token' in reference mode. Per-token fusion scores every
+    candidate on the same target token, so the unit does not matter there."""
+    no_teacher: Literal["one_hot", "mask"] = "one_hot"
+    """A position where no candidate has a usable distribution (none aligned there, or per
+    token none whose top-k holds the label): 'one_hot' teaches the label, 'mask' leaves the
+    position out of the fusion loss."""
+
+    def per_byte(self, mode: str) -> bool:
+        """Whether per-sequence CEs are compared per byte under alignment ``mode``."""
+        return self.ce_unit == "byte" or (self.ce_unit == "auto" and mode == "clean")
 
 
 class OutputConfig(_Strict):

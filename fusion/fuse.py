@@ -4,7 +4,8 @@ Candidates are ordered ``[target, source 0, source 1, ...]``; the target's own d
 is the first candidate when it takes part. ``reference`` mode reproduces the reference's bf16
 rewards (which create ties, broken by the first candidate) and its softmax over rewards;
 ``clean`` mode uses float64 rewards and ``softmax(-ce)``. A ``ce`` of shape ``[C]`` chooses
-per sequence; ``[C, L]`` chooses per token.
+per sequence; ``[C, L]`` chooses per token. A one-hot fallback is never a candidate: it is
+what a position gets when no candidate has a usable distribution there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from fusion.align.transfer import PAD_ID
 Precision = Literal["bf16", "fp64"]
 Mode = Literal["reference", "clean"]
 Method = Literal["min_ce", "avg_ce"]
+NoTeacher = Literal["one_hot", "mask"]
 MIXED = -1  # ``choice`` value of a position fused from several candidates
+NO_TEACHER = -2  # ``choice`` value of a position no candidate could teach
 
 
 def _check_ce(ce: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -93,7 +96,9 @@ def topk_token_ce(
 
 @dataclass(frozen=True)
 class FusedTopK:
-    """The fused teacher: ``ids``/``logits`` ``[L, k]`` and, per position, which candidate."""
+    """The fused teacher: ``ids``/``logits`` ``[L, k]`` and ``choice`` ``[L]`` per position:
+    the candidate taken, :data:`MIXED` for an AvgCE mixture, :data:`NO_TEACHER` where no
+    candidate had a usable distribution (the position holds the fallback, or nothing)."""
 
     ids: np.ndarray
     logits: np.ndarray
@@ -107,12 +112,23 @@ def fuse_topk(
     *,
     method: Method = "min_ce",
     mode: Mode = "reference",
+    aligned: np.ndarray | None = None,
+    fallback_ids: Sequence[int] | np.ndarray | None = None,
+    no_teacher: NoTeacher = "one_hot",
 ) -> FusedTopK:
     """Fuse candidates' top-k ``[C, L, k]`` into one ``[L, k]`` teacher.
 
-    MinCE copies the chosen candidate's entries (a candidate with nothing at a position is
-    passed over there). AvgCE mixes the renormalised distributions with :func:`avg_ce_weights`
-    and keeps the k most probable ids, as log-probabilities.
+    ``aligned`` ``[C, L]`` says where a candidate's row is its own distribution (not a
+    one-hot fallback); by default every non-empty row is. A candidate competes at a position
+    only with a distribution of its own there and, per token (``ce`` ``[C, L]``), only when
+    its top-k holds the label (finite CE). Where no candidate does, the position gets
+    ``no_teacher``: ``"one_hot"`` on ``fallback_ids`` (-1: nothing) or ``"mask"`` (nothing,
+    so it leaves the fusion loss). Reference mode per sequence keeps the reference's rule:
+    the chosen candidate's row as stored, its fallbacks included.
+
+    MinCE copies the best candidate's entries. AvgCE mixes the renormalised distributions of
+    the competing candidates with :func:`avg_ce_weights` and keeps the k most probable ids,
+    as log-probabilities.
     """
     ids, logits = np.asarray(ids), np.asarray(logits, dtype=np.float64)
     if ids.ndim != 3 or ids.shape != logits.shape:
@@ -123,26 +139,45 @@ def fuse_topk(
         raise ValueError(
             f"ce has shape {values.shape}; expected [{candidates}] or [{candidates}, {length}]"
         )
+    if no_teacher not in ("one_hot", "mask"):
+        raise ValueError(f"no_teacher must be 'one_hot' or 'mask', got {no_teacher!r}")
     per_token = np.broadcast_to(values.reshape(candidates, -1), (candidates, length))
     present = (ids != PAD_ID).any(axis=2)  # [C, L]
+    own = present if aligned is None else np.asarray(aligned, dtype=bool) & present
+    if own.shape != (candidates, length):
+        raise ValueError(f"aligned has shape {own.shape}; expected [{candidates}, {length}]")
+    as_stored = mode == "reference" and values.ndim == 1
+    usable = present if as_stored else own & np.isfinite(per_token)
+    has_teacher = usable.any(axis=0)
+    positions = np.arange(length)
     if method == "min_ce":
         rewards = ce_rewards(per_token, precision="bf16" if mode == "reference" else "fp64")
-        choice = np.argmax(np.where(present, rewards, -1.0), axis=0)
-        positions = np.arange(length)
-        return FusedTopK(ids[choice, positions], logits[choice, positions], choice.astype(np.int8))
-    if method != "avg_ce":
+        choice = np.argmax(np.where(usable, rewards, -1.0), axis=0)
+        out_ids, out_logits = ids[choice, positions], logits[choice, positions]
+        marks = choice.astype(np.int8)
+        marks[~own[choice, positions]] = NO_TEACHER  # a stored fallback (reference rows)
+    elif method == "avg_ce":
+        scores = ce_rewards(per_token) if mode == "reference" else -per_token
+        top = np.where(usable, scores, -np.inf).max(axis=0, initial=-np.inf)
+        weights = np.where(usable, np.exp(np.where(usable, scores, 0.0) - top), 0.0)
+        weights /= np.maximum(weights.sum(axis=0, keepdims=True), np.finfo(np.float64).tiny)
+        kept = (ids != PAD_ID) & (logits > -np.inf)
+        row_kept = kept.any(axis=2, keepdims=True)
+        probs = _softmax(np.where(kept, logits, np.where(row_kept, -np.inf, 0.0)), axis=2) * kept
+        probs *= weights[:, :, None]
+        out_ids, out_logits = _top_k_of_mixture(ids, probs, k)
+        marks = np.full(length, MIXED, dtype=np.int8)
+    else:
         raise ValueError(f"method must be 'min_ce' or 'avg_ce', got {method!r}")
-    scores = ce_rewards(per_token) if mode == "reference" else -per_token
-    weights = np.where(
-        present, _softmax(np.where(np.isfinite(scores), scores, -1e300), axis=0), 0.0
-    )
-    weights /= np.maximum(weights.sum(axis=0, keepdims=True), np.finfo(np.float64).tiny)
-    kept = (ids != PAD_ID) & (logits > -np.inf)
-    row_kept = kept.any(axis=2, keepdims=True)
-    probs = _softmax(np.where(kept, logits, np.where(row_kept, -np.inf, 0.0)), axis=2) * kept
-    probs *= weights[:, :, None]
-    fused_ids, fused_logits = _top_k_of_mixture(ids, probs, k)
-    return FusedTopK(fused_ids, fused_logits, np.full(length, MIXED, dtype=np.int8))
+    out_ids, out_logits = out_ids.astype(np.int32), out_logits.astype(np.float64)
+    missing = ~has_teacher
+    out_ids[missing], out_logits[missing] = PAD_ID, -np.inf
+    marks[missing] = NO_TEACHER
+    if no_teacher == "one_hot" and fallback_ids is not None:
+        labels = np.asarray(fallback_ids, dtype=np.int64)
+        one_hot = missing & (labels >= 0)
+        out_ids[one_hot, 0], out_logits[one_hot, 0] = labels[one_hot], 1.0
+    return FusedTopK(out_ids, out_logits, marks)
 
 
 def _top_k_of_mixture(ids: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

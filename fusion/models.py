@@ -171,6 +171,23 @@ def vocab_list(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return tokens
 
 
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """A tokenizer's special tokens by role: ``bos``, ``eos``, ``unk``, ``pad`` (those it has)
+    and every other special token under its own spelling."""
+    roles = {
+        role: token_id
+        for role in ("bos", "eos", "unk", "pad")
+        if (token_id := getattr(tokenizer, f"{role}_token_id", None)) is not None
+    }
+    taken = set(roles.values())
+    for token, token_id in zip(
+        tokenizer.all_special_tokens, tokenizer.all_special_ids, strict=True
+    ):
+        if token_id not in taken:
+            roles[token] = token_id
+    return roles
+
+
 def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of the token strings in id order: equal exactly when the ids mean the same."""
     return hashlib.sha256("\n".join(vocab_list(tokenizer)).encode()).hexdigest()[:16]

@@ -142,7 +142,14 @@ class OutputDir:
                 progress.shard_totals[int(shard)] = total
         return progress
 
-    def write_part(self, table: pa.Table, shards: list[int], shard_totals: dict[int, int]) -> dict:
+    def write_part(
+        self,
+        table: pa.Table,
+        shards: list[int],
+        shard_totals: dict[int, int],
+        *,
+        teacher_counts: dict | None = None,
+    ) -> dict:
         """Write one committed part (Parquet file, then its sidecar); return the sidecar."""
         ids = table.column("id").to_pylist()
         digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()
@@ -164,6 +171,7 @@ class OutputDir:
             "column_bytes": _column_bytes(collector[0]),
             "ids": dict(by_shard),
             "shard_totals": {str(s): shard_totals[s] for s in sorted(set(shards))},
+            "teacher_counts": teacher_counts or {},
         }
         _write_atomically(
             self.filesystem,

@@ -20,9 +20,16 @@ from fusion import __version__
 from fusion.align import VocabBridge, detect_marker, exact_vocab_map, mined_vocab_map
 from fusion.config import FusionConfig
 from fusion.corpus import CorpusError, Shard, plan_shards
+from fusion.diagnostics import add_counts, diagnostics
 from fusion.errors import FusionError, user_error_from
-from fusion.models import check_models, load_tokenizer, vocab_fingerprint, vocab_list
-from fusion.output import OutputDir
+from fusion.models import (
+    check_models,
+    load_tokenizer,
+    special_tokens,
+    vocab_fingerprint,
+    vocab_list,
+)
+from fusion.output import OutputDir, Progress
 from fusion.rows import FUSED, TARGET, schema
 from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
 
@@ -81,6 +88,7 @@ def build_bridges(config: FusionConfig) -> dict[str, VocabBridge]:
     """One vocabulary bridge per source, computed once in the driver and shipped to actors."""
     target = load_tokenizer(config.target.path, trust_remote_code=config.target.trust_remote_code)
     target_vocab, target_marker = vocab_list(target), detect_marker(target)
+    target_specials = special_tokens(target)
     bridges = {}
     for source in config.sources:
         tokenizer = load_tokenizer(source.path, trust_remote_code=source.trust_remote_code)
@@ -89,13 +97,16 @@ def build_bridges(config: FusionConfig) -> dict[str, VocabBridge]:
         mapping = build_map(
             source_vocab, target_vocab, source_marker=source_marker, target_marker=target_marker
         )
-        bridges[source.name] = VocabBridge.build(
+        bridge = VocabBridge.build(
             source_vocab,
             target_vocab,
             mapping,
             source_marker=source_marker,
             target_marker=target_marker,
         )
+        if config.align.mode == "clean":  # special tokens by role, not by spelling
+            bridge = bridge.with_special_roles(special_tokens(tokenizer), target_specials)
+        bridges[source.name] = bridge
     return bridges
 
 
@@ -244,6 +255,7 @@ def prepare(
                 "out_dir": out.path,
                 "table_schema": table_schema,
                 "top_k": config.align.top_k,
+                "candidates": names,
             },
             batch_size=config.output.rows_per_file,
             num_cpus=SMALL_CPU,
@@ -271,7 +283,7 @@ def prepare(
             f"data.paths {config.data.paths} yield no chunk of two or more target tokens: the "
             "corpus is empty (or every document is)"
         )
-    return _finish(out, config, progress, shards, len(shards) - len(todo), started, resolved)
+    return finish(out, config, progress, shards, len(shards) - len(todo), started, resolved)
 
 
 def _summary_of(manifest: dict, output_dir: str, started: float) -> PrepareSummary:
@@ -287,7 +299,16 @@ def _summary_of(manifest: dict, output_dir: str, started: float) -> PrepareSumma
     )
 
 
-def _finish(out, config, progress, shards, skipped, started, resolved) -> PrepareSummary:
+def finish(
+    out: OutputDir,
+    config: FusionConfig,
+    progress: Progress,
+    shards: list[Shard],
+    skipped: int,
+    started: float,
+    resolved: dict,
+) -> PrepareSummary:
+    """Write the manifest of a data set whose parts are all committed; return its summary."""
     rows = sum(p["rows"] for p in progress.parts)
     tokens = sum(p["tokens"] for p in progress.parts)
     column_bytes: dict[str, int] = {}
@@ -296,6 +317,9 @@ def _finish(out, config, progress, shards, skipped, started, resolved) -> Prepar
             column_bytes[group] = column_bytes.get(group, 0) + size
     distributions = [*candidates(config), FUSED]
     per_token = {g: column_bytes.get(g, 0) / max(tokens, 1) for g in distributions}
+    counts: dict = {}
+    for part in progress.parts:
+        add_counts(counts, part.get("teacher_counts", {}))
     manifest = {
         "format": "fusion-teacher-data/1",
         "status": "complete",
@@ -308,6 +332,7 @@ def _finish(out, config, progress, shards, skipped, started, resolved) -> Prepar
         "target_vocab": vocab_fingerprint(load_tokenizer(config.target.path)),
         "candidates": candidates(config),
         "bytes_per_token": per_token,
+        "diagnostics": diagnostics(counts),
         "shards": [
             {"index": s.index, "name": s.name, "chunks": progress.shard_totals.get(s.index, 0)}
             for s in shards

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from fusion.batches import teacher_columns
 from fusion.config import ConfigError, FusionConfig
 from fusion.corpus import plan_shards
 from fusion.models import check_models
@@ -50,8 +51,7 @@ def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
             f"train.teacher: {teacher!r} is not one of {[*candidates(config), FUSED]}"
         )
     full = schema([*candidates(config), FUSED], config.align.top_k)
-    needed = ["id", "input_ids", f"{teacher}.topk_ids", f"{teacher}.topk_logits"]
-    rows_schema = pa.schema([full.field(name) for name in needed])
+    rows_schema = pa.schema([full.field(name) for name in teacher_columns(teacher)])
     # Training reads row-contract Arrow tables with only the columns it needs.
     dataset = teacher_dataset(config, shards, {}).map_batches(
         to_table,

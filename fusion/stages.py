@@ -17,13 +17,14 @@ from fusion.backends.hf import HFTopK
 from fusion.chunking import chunk_document
 from fusion.config import AlignConfig, DataConfig, FuseConfig, ModelConfig
 from fusion.corpus import Shard, read_documents
-from fusion.fuse import MIXED, fuse_topk, topk_token_ce
+from fusion.diagnostics import teacher_counts
+from fusion.fuse import fuse_topk, topk_token_ce
 from fusion.models import load_tokenizer
 from fusion.output import OutputDir
-from fusion.rows import FUSED, TARGET, to_table
+from fusion.rows import FUSED, TARGET, candidate_aligned, next_tokens, to_table
 
 
-def _objects(values: list) -> np.ndarray:
+def object_array(values: list) -> np.ndarray:
     """A 1-D object array of per-row values (keeps ragged arrays as they are)."""
     out = np.empty(len(values), dtype=object)
     out[:] = values
@@ -70,10 +71,10 @@ class ChunkStage:
                 rows["shard_total"].append(len(chunks))
         return {
             "id": np.asarray(rows["id"], dtype=object),
-            "domain": _objects(rows["domain"]),
+            "domain": object_array(rows["domain"]),
             "text": np.asarray(rows["text"], dtype=object),
-            "input_ids": _objects(rows["input_ids"]),
-            "offsets": _objects(rows["offsets"]),
+            "input_ids": object_array(rows["input_ids"]),
+            "offsets": object_array(rows["offsets"]),
             "shard": np.asarray(rows["shard"], dtype=np.int64),
             "shard_total": np.asarray(rows["shard_total"], dtype=np.int64),
         }
@@ -110,12 +111,13 @@ class ForwardStage:
             sequences, offsets = [e[0] for e in encoded], [e[1] for e in encoded]
         results = self.reader.read(sequences, row_ids)
         prefix = f"{self.name}.raw_" if self.name != TARGET else f"{self.name}."
-        batch[f"{prefix}topk_ids"] = _objects([r.ids for r in results])
-        batch[f"{prefix}topk_logits"] = _objects([r.logits for r in results])
+        batch[f"{prefix}topk_ids"] = object_array([r.ids for r in results])
+        batch[f"{prefix}topk_logits"] = object_array([r.logits for r in results])
         batch[f"{self.name}.ce"] = np.asarray([r.ce for r in results], dtype=np.float32)
+        batch[f"{self.name}.nll"] = np.asarray([r.nll for r in results], dtype=np.float32)
         if self.name != TARGET:
-            batch[f"{self.name}.raw_ids"] = _objects(sequences)
-            batch[f"{self.name}.raw_offsets"] = _objects(offsets)
+            batch[f"{self.name}.raw_ids"] = object_array(sequences)
+            batch[f"{self.name}.raw_offsets"] = object_array(offsets)
         return batch
 
 
@@ -159,7 +161,7 @@ class AlignStage:
             k: batch.pop(f"{self.name}.raw_{k}")
             for k in ("ids", "offsets", "topk_ids", "topk_logits")
         }
-        out_ids, out_logits = [], []
+        out_ids, out_logits, out_aligned = [], [], []
         for row in range(len(batch["id"])):
             alignment = align_row(
                 self.bridge,
@@ -170,7 +172,7 @@ class AlignStage:
                 raw["offsets"][row],
                 batch["text"][row],
             )
-            ids, logits = self.bridge.transfer(
+            moved = self.bridge.transfer(
                 batch["input_ids"][row],
                 raw["ids"][row],
                 raw["topk_ids"][row],
@@ -180,45 +182,66 @@ class AlignStage:
                 fallback=self.fallback,
                 check_tokens=self.align.method == "dtw",
             )
-            out_ids.append(ids)
-            out_logits.append(logits.astype(np.float32))
-        batch[f"{self.name}.topk_ids"] = _objects(out_ids)
-        batch[f"{self.name}.topk_logits"] = _objects(out_logits)
+            out_ids.append(moved.ids)
+            out_logits.append(moved.logits.astype(np.float32))
+            out_aligned.append(moved.aligned)
+        batch[f"{self.name}.topk_ids"] = object_array(out_ids)
+        batch[f"{self.name}.topk_logits"] = object_array(out_logits)
+        batch[f"{self.name}.aligned"] = object_array(out_aligned)
         return batch
 
 
 def fuse_batch(
     batch: dict[str, np.ndarray], candidates: list[str], fuse: FuseConfig, mode: str
 ) -> dict[str, np.ndarray]:
-    """Fuse the candidates' aligned top-k per row into ``fused.*`` (MinCE or AvgCE)."""
+    """Fuse the candidates' aligned top-k per row into ``fused.*`` (MinCE or AvgCE).
+
+    The one-hot of a position no candidate can teach is on the next token in clean mode and
+    on the current token in reference mode, as the transfer's fallback is.
+    """
     fused_ids, fused_logits, choices = [], [], []
     for row in range(len(batch["id"])):
+        input_ids = np.asarray(batch["input_ids"][row], np.int64)
         ids = np.stack([batch[f"{c}.topk_ids"][row] for c in candidates])
         logits = np.stack([batch[f"{c}.topk_logits"][row] for c in candidates])
+        aligned = np.stack([candidate_aligned(batch, c, row) for c in candidates])
+        labels = next_tokens(input_ids)
         if fuse.granularity == "token":
-            labels = np.append(np.asarray(batch["input_ids"][row][1:], np.int64), -1)
             ce = np.stack([topk_token_ce(i, lg, labels) for i, lg in zip(ids, logits, strict=True)])
+        elif fuse.per_byte(mode):
+            size = max(len(str(batch["text"][row]).encode("utf-8")), 1)
+            ce = np.asarray([batch[f"{c}.nll"][row] / size for c in candidates], np.float64)
         else:
             ce = np.asarray([batch[f"{c}.ce"][row] for c in candidates], dtype=np.float64)
-        result = fuse_topk(ids, logits, ce, method=fuse.method, mode=mode)
+        result = fuse_topk(
+            ids,
+            logits,
+            ce,
+            method=fuse.method,
+            mode=mode,
+            aligned=aligned,
+            fallback_ids=labels if mode == "clean" else input_ids,
+            no_teacher=fuse.no_teacher,
+        )
         fused_ids.append(result.ids)
         fused_logits.append(result.logits.astype(np.float32))
-        choice = result.choice
-        choices.append(int(choice[0]) if (choice == choice[0]).all() else MIXED)
-    batch[f"{FUSED}.topk_ids"] = _objects(fused_ids)
-    batch[f"{FUSED}.topk_logits"] = _objects(fused_logits)
-    batch[f"{FUSED}.choice"] = np.asarray(choices, dtype=np.int8)
+        choices.append(result.choice)
+    batch[f"{FUSED}.topk_ids"] = object_array(fused_ids)
+    batch[f"{FUSED}.topk_logits"] = object_array(fused_logits)
+    batch[f"{FUSED}.choice"] = object_array(choices)
     return batch
 
 
 def write_batch(
-    batch: dict[str, np.ndarray], out_dir: str, table_schema, top_k: int
+    batch: dict[str, np.ndarray], out_dir: str, table_schema, top_k: int, candidates: list[str]
 ) -> dict[str, np.ndarray]:
-    """Write the batch as one committed part; return one summary row for the driver."""
+    """Write the batch as one committed part (with its teacher counts); return one summary
+    row for the driver."""
+    counts = teacher_counts(batch, candidates)
     table = to_table(batch, table_schema, top_k)
     shards = [int(s) for s in batch["shard"]]
     totals = {int(s): int(t) for s, t in zip(batch["shard"], batch["shard_total"], strict=True)}
-    sidecar = OutputDir(out_dir).write_part(table, shards, totals)
+    sidecar = OutputDir(out_dir).write_part(table, shards, totals, teacher_counts=counts)
     return {
         "file": np.asarray([sidecar["file"]], dtype=object),
         "rows": np.asarray([sidecar["rows"]]),

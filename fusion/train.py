@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from fusion.batches import own_column, teacher_columns
 from fusion.config import FusionConfig, TrainConfig
 from fusion.errors import FusionError, user_error_from
 from fusion.models import load_tokenizer, vocab_fingerprint
@@ -74,8 +75,13 @@ def check_dataset(run: FusionConfig) -> dict:
     for entry, file in zip(manifest["files"], files, strict=True):
         verify_file(file, entry, train_settings(run).verify_data)
     schema = pq.read_schema(files[0])
-    needed = ["input_ids", f"{teacher}.topk_ids", f"{teacher}.topk_logits"]
+    needed = teacher_columns(teacher)
     absent = [c for c in needed if c not in schema.names]
+    if absent == [own_column(teacher)]:
+        raise DatasetMismatchError(
+            f"{files[0].name} lacks the column {absent[0]!r} that marks the teacher's fallback "
+            "positions: it was prepared by an older fusion; re-run `fusion prepare`"
+        )
     if absent:
         teachers = sorted({n.split(".")[0] for n in schema.names if n.endswith(".topk_ids")})
         raise DatasetMismatchError(
@@ -122,9 +128,7 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     folder = data_dir(run)
     dataset = ray.data.read_parquet(
         [str(folder / f["file"]) for f in manifest["files"]], num_cpus=_READ_CPU
-    ).select_columns(
-        ["id", "input_ids", f"{train.teacher}.topk_ids", f"{train.teacher}.topk_logits"]
-    )
+    ).select_columns(teacher_columns(train.teacher))
     info = {"path": str(folder), "rows": manifest["rows"], "tokens": manifest["tokens"]}
     return fit(run, dataset, rows=manifest["rows"], dataset_info=info, quiet=quiet)
 

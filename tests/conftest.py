@@ -72,3 +72,31 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared_world(tmp_path_factory, training_texts, ray_cluster):
+    """A Llama target, a GPT-2 source and their prepared teacher data (clean settings: offsets,
+    MinED, MinCE per token), shared by the training and teacher-data tests."""
+    from fusion.config import parse_config
+    from fusion.pipeline import prepare
+    from fusion.toy import save_model_dir, tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("train-world")
+    target_tok = train_tokenizer(training_texts[:40], "metaspace", 600)
+    source_tok = train_tokenizer(training_texts[:40], "byte_level", 500)
+    save_model_dir(root / "target", tiny_causal_lm("llama", len(target_tok), seed=0), target_tok)
+    save_model_dir(root / "source", tiny_causal_lm("gpt2", len(source_tok), seed=1), source_tok)
+    with (root / "corpus.jsonl").open("w") as f:
+        for text in training_texts[40:70]:
+            f.write(json.dumps({"text": text[:1200]}) + "\n")
+    raw = {
+        "target": {"path": str(root / "target"), "num_cpus": 0.4},
+        "sources": [{"name": "src", "path": str(root / "source"), "num_cpus": 0.4}],
+        "data": {"paths": [str(root / "corpus.jsonl")], "max_length": 64},
+        "align": {"method": "offsets", "mode": "clean"},
+        "fuse": {"method": "min_ce", "granularity": "token"},
+        "output": {"dir": str(root / "data"), "rows_per_file": 32},
+    }
+    prepare(parse_config(raw), quiet=True)
+    return root, raw

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from fusion.align import PAD_ID
-from fusion.fuse import MIXED, avg_ce_weights, fuse_topk, min_ce_choice, topk_token_ce
+from fusion.fuse import (
+    MIXED,
+    NO_TEACHER,
+    avg_ce_weights,
+    fuse_topk,
+    min_ce_choice,
+    topk_token_ce,
+)
 
 
 def test_bf16_rewards_tie_and_the_first_candidate_wins():
@@ -93,3 +100,80 @@ def test_unknown_method_is_rejected():
     ids, logits = _candidates()
     with pytest.raises(ValueError, match="method must be"):
         fuse_topk(ids, logits, [1.0, 1.0], method="max")
+
+
+def _one_hot_fallback_world():
+    """Three positions, labels 7, 8, 9. The target's own top-2 everywhere; a source that is
+    aligned only at position 1 and holds the one-hot fallback (on the label) elsewhere."""
+    target_ids = np.array([[7, 1], [2, 8], [3, 4]])  # label 9 missing at position 2
+    target_logits = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    source_ids = np.array([[7, PAD_ID], [8, 2], [9, PAD_ID]])
+    source_logits = np.array([[1.0, -np.inf], [3.0, 0.0], [1.0, -np.inf]])
+    ids = np.stack([target_ids, source_ids])
+    logits = np.stack([target_logits, source_logits])
+    aligned = np.array([[True, True, True], [False, True, False]])
+    return ids, logits, aligned, np.array([7, 8, 9])
+
+
+def test_per_token_min_ce_never_lets_a_fallback_beat_a_real_candidate():
+    ids, logits, aligned, labels = _one_hot_fallback_world()
+    ce = np.stack([topk_token_ce(ids[c], logits[c], labels) for c in range(2)])
+    assert ce[1, 0] == 0.0  # the fallback's CE is the best possible; it must not compete
+    fused = fuse_topk(
+        ids, logits, ce, mode="clean", aligned=aligned, fallback_ids=labels, method="min_ce"
+    )
+    # position 0: only the target is real (p(7) = 0.5); position 1: the source is surer of 8
+    assert fused.choice[:2].tolist() == [0, 1]
+    assert fused.ids[0].tolist() == [7, 1] and fused.ids[1].tolist() == [8, 2]
+
+
+@pytest.mark.parametrize(
+    ("treatment", "expected_ids"), [("one_hot", [9, PAD_ID]), ("mask", [PAD_ID, PAD_ID])]
+)
+@pytest.mark.parametrize("method", ["min_ce", "avg_ce"])
+def test_a_position_no_candidate_predicts_gets_the_treatment_not_the_target(
+    treatment, expected_ids, method
+):
+    ids, logits, aligned, labels = _one_hot_fallback_world()
+    ce = np.stack([topk_token_ce(ids[c], logits[c], labels) for c in range(2)])
+    fused = fuse_topk(
+        ids,
+        logits,
+        ce,
+        mode="clean",
+        method=method,
+        aligned=aligned,
+        fallback_ids=labels,
+        no_teacher=treatment,
+    )
+    # position 2: the target (first candidate) lacks 9, the source only has its fallback
+    assert fused.choice[2] == NO_TEACHER
+    assert fused.ids[2].tolist() == expected_ids
+    assert fused.logits[2][0] == (1.0 if treatment == "one_hot" else -np.inf)
+
+
+def test_per_token_avg_ce_weighs_only_candidates_that_hold_the_label():
+    ids, logits, aligned, labels = _one_hot_fallback_world()
+    ce = np.stack([topk_token_ce(ids[c], logits[c], labels) for c in range(2)])
+    fused = fuse_topk(ids, logits, ce, mode="clean", method="avg_ce", aligned=aligned)
+    # position 0: the source's fallback takes no weight, so the result is the target alone
+    assert sorted(np.exp(fused.logits[0][:2]).round(6).tolist()) == [0.5, 0.5]
+    # position 1: both compete, with weights softmax(-ce) over their CEs of label 8
+    w = np.exp(-ce[:, 1]) / np.exp(-ce[:, 1]).sum()
+    p_target = np.exp([1.0, 0.0]) / np.exp([1.0, 0.0]).sum()  # ids 2, 8
+    p_source = np.exp([3.0, 0.0]) / np.exp([3.0, 0.0]).sum()  # ids 8, 2
+    p8 = w[0] * p_target[1] + w[1] * p_source[0]
+    assert fused.ids[1][0] == 8
+    assert np.exp(fused.logits[1][0]) == pytest.approx(p8)
+
+
+def test_clean_per_sequence_min_ce_fills_the_winner_s_gaps_with_the_next_real_candidate():
+    ids, logits, aligned, labels = _one_hot_fallback_world()
+    ce = [2.0, 1.0]  # the source wins the sequence
+    clean = fuse_topk(ids, logits, ce, mode="clean", aligned=aligned, fallback_ids=labels)
+    assert clean.choice.tolist() == [0, 1, 0]
+    assert clean.ids[0].tolist() == [7, 1] and clean.ids[2].tolist() == [3, 4]
+    # reference: the winner's stored rows, its fallbacks included, marked as such
+    reference = fuse_topk(ids, logits, ce, mode="reference", aligned=aligned, fallback_ids=labels)
+    assert reference.ids.tolist() == ids[1].tolist()
+    assert reference.choice.tolist() == [NO_TEACHER, 1, NO_TEACHER]

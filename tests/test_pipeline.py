@@ -133,9 +133,10 @@ def test_aligned_top_k_equals_the_alignment_functions_called_directly(prepared):
                 source_offsets,
                 row["text"],
             )
-            ids, logits = bridges[source.name].transfer(
+            ids, logits, aligned = bridges[source.name].transfer(
                 input_ids, source_ids, topk.ids, topk.logits, alignment
             )
+            assert row[f"{source.name}.aligned"] == aligned.tolist()
             assert np.asarray(row[f"{source.name}.topk_ids"]).tolist() == ids.tolist()
             stored = np.asarray(row[f"{source.name}.topk_logits"], dtype=np.float32)
             assert np.array_equal(stored, logits.astype(np.float16).astype(np.float32))

@@ -7,28 +7,32 @@ import pytest
 
 from fusion.align import PAD_ID, VocabBridge
 from fusion.config import AlignConfig, FuseConfig
-from fusion.fuse import MIXED
-from fusion.stages import _objects, align_row, fuse_batch
+from fusion.fuse import MIXED, NO_TEACHER
+from fusion.stages import align_row, fuse_batch, object_array
 
 
 def _batch():
-    ids = lambda rows: _objects([np.asarray(r, np.int32) for r in rows])  # noqa: E731
-    logits = lambda rows: _objects([np.asarray(r, np.float32) for r in rows])  # noqa: E731
+    ids = lambda rows: object_array([np.asarray(r, np.int32) for r in rows])  # noqa: E731
+    logits = lambda rows: object_array([np.asarray(r, np.float32) for r in rows])  # noqa: E731
     return {
         "id": np.asarray(["d:0"], dtype=object),
-        "input_ids": _objects([np.asarray([5, 6, 7], np.int32)]),
+        "input_ids": object_array([np.asarray([5, 6, 7], np.int32)]),
         "target.topk_ids": ids([[[6, 1], [7, 2], [2, PAD_ID]]]),
         "target.topk_logits": logits([[[2.0, 0.0], [1.0, 0.5], [1.0, -np.inf]]]),
         "target.ce": np.asarray([1.0], np.float32),
         "src.topk_ids": ids([[[1, 6], [7, 3], [PAD_ID, PAD_ID]]]),
         "src.topk_logits": logits([[[3.0, 0.0], [4.0, 0.0], [-np.inf, -np.inf]]]),
         "src.ce": np.asarray([2.0], np.float32),
+        "src.aligned": object_array([np.asarray([True, True, False])]),
+        "text": np.asarray(["abc"], dtype=object),
+        "target.nll": np.asarray([2.0], np.float32),
+        "src.nll": np.asarray([6.0], np.float32),
     }
 
 
 def test_sequence_min_ce_takes_one_candidate_for_the_whole_row():
     out = fuse_batch(_batch(), ["target", "src"], FuseConfig(), "reference")
-    assert out["fused.choice"].tolist() == [0]
+    assert out["fused.choice"][0].tolist() == [0, 0, 0]
     assert out["fused.topk_ids"][0].tolist() == [[6, 1], [7, 2], [2, PAD_ID]]
 
 
@@ -36,9 +40,10 @@ def test_token_min_ce_mixes_candidates_by_position():
     fuse = FuseConfig(granularity="token")
     out = fuse_batch(_batch(), ["target", "src"], fuse, "clean")
     # position 0 predicts 6: target gives it p=0.88, the source p=0.05; position 1 predicts 7:
-    # the source is surer; position 2 has no label and the source has nothing there.
-    assert out["fused.topk_ids"][0].tolist() == [[6, 1], [7, 3], [2, PAD_ID]]
-    assert out["fused.choice"].tolist() == [MIXED]
+    # the source is surer; position 2 has no label, so nobody can teach it: in clean mode
+    # the fallback would be the next token, and there is none.
+    assert out["fused.topk_ids"][0].tolist() == [[6, 1], [7, 3], [PAD_ID, PAD_ID]]
+    assert out["fused.choice"][0].tolist() == [0, 1, NO_TEACHER]
 
 
 def test_avg_ce_fuses_a_mixture_and_marks_it_mixed():
@@ -46,7 +51,19 @@ def test_avg_ce_fuses_a_mixture_and_marks_it_mixed():
     first = out["fused.topk_ids"][0][0].tolist()
     assert set(first) <= {6, 1}
     assert np.exp(out["fused.topk_logits"][0][0]).sum() == pytest.approx(1.0, abs=1e-6)
-    assert out["fused.choice"].tolist() == [MIXED]
+    assert out["fused.choice"][0].tolist() == [MIXED, MIXED, MIXED]
+
+
+def test_per_byte_sequence_ce_compares_total_nll_over_the_text_bytes():
+    # Per token the target wins (CE 1.0 against 2.0). Per byte of the 3-byte text the target's
+    # total NLL 9.0 gives 3.0 and the source's 6.0 gives 2.0: the source wins.
+    batch = _batch()
+    batch["target.nll"] = np.asarray([9.0], np.float32)  # 3.0 nats per byte
+    per_token = fuse_batch(_batch(), ["target", "src"], FuseConfig(ce_unit="token"), "clean")
+    per_byte = fuse_batch(batch, ["target", "src"], FuseConfig(ce_unit="byte"), "clean")
+    assert per_token["fused.choice"][0].tolist() == [0, 0, 0]
+    # the source (6.0 / 3 = 2.0 per byte) wins where it is aligned; position 2 falls to target
+    assert per_byte["fused.choice"][0].tolist() == [1, 1, 0]
 
 
 def test_align_row_pairs_the_eos_tokens_after_the_text(golden):

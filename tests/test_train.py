@@ -15,35 +15,13 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from fusion.batches import collate, fallback_positions
+from fusion.batches import collate
 from fusion.config import parse_config
-from fusion.pipeline import prepare
+from fusion.fuse import NO_TEACHER
 from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 from fusion.train import DatasetMismatchError, check_dataset, train
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prepared_world(tmp_path_factory, training_texts, ray_cluster):
-    """A Llama target, a GPT-2 source and their prepared teacher data (clean settings)."""
-    root = tmp_path_factory.mktemp("train-world")
-    target_tok = train_tokenizer(training_texts[:40], "metaspace", 600)
-    source_tok = train_tokenizer(training_texts[:40], "byte_level", 500)
-    save_model_dir(root / "target", tiny_causal_lm("llama", len(target_tok), seed=0), target_tok)
-    save_model_dir(root / "source", tiny_causal_lm("gpt2", len(source_tok), seed=1), source_tok)
-    with (root / "corpus.jsonl").open("w") as f:
-        for text in training_texts[40:70]:
-            f.write(json.dumps({"text": text[:1200]}) + "\n")
-    raw = {
-        "target": {"path": str(root / "target"), "num_cpus": 0.4},
-        "sources": [{"name": "src", "path": str(root / "source"), "num_cpus": 0.4}],
-        "data": {"paths": [str(root / "corpus.jsonl")], "max_length": 64},
-        "align": {"method": "offsets", "mode": "clean"},
-        "output": {"dir": str(root / "data"), "rows_per_file": 32},
-    }
-    prepare(parse_config(raw), quiet=True)
-    return root, raw
 
 
 def _with_train(raw: dict, storage: Path, **train) -> dict:
@@ -166,15 +144,23 @@ def test_data_for_another_target_or_teacher_is_refused_before_training(prepared_
         check_dataset(parse_config(raw | {"train": {"data": str(bad_k)}}))
 
 
-def test_collate_pads_rows_and_finds_fallback_positions(prepared_world):
+def test_collate_pads_rows_and_masks_exactly_the_marked_fallback_positions(prepared_world):
     import pyarrow.parquet as pq
 
     root, _ = prepared_world
     table = pq.read_table(root / "data" / "data").slice(0, 3)
-    batch = collate(table, "src", mask_fallback=True)
     lengths = [len(x) for x in table["input_ids"].to_pylist()]
-    assert batch["attention_mask"].sum(1).tolist() == lengths
-    assert batch["input_ids"].shape == batch["topk_ids"].shape[:2] == (3, max(lengths))
-    ids, logits = batch["topk_ids"].numpy(), batch["topk_logits"].numpy()
-    assert (batch["teacher_mask"].numpy()[fallback_positions(ids, logits)] == 0).all()
-    assert 0 < batch["teacher_mask"].sum() < batch["attention_mask"].sum()
+    for teacher, marks in (
+        ("src", [[not a for a in row] for row in table["src.aligned"].to_pylist()]),
+        ("fused", [[c == NO_TEACHER for c in row] for row in table["fused.choice"].to_pylist()]),
+    ):
+        batch = collate(table, teacher, mask_fallback=True)
+        assert batch["attention_mask"].sum(1).tolist() == lengths
+        assert batch["input_ids"].shape == batch["topk_ids"].shape[:2] == (3, max(lengths))
+        expected = [
+            [0.0 if fallback else 1.0 for fallback in row] + [0.0] * (max(lengths) - len(row))
+            for row in marks
+        ]
+        assert batch["teacher_mask"].tolist() == expected
+    # the source is unaligned somewhere, so the mask has something to leave out
+    assert any(not a for row in table["src.aligned"].to_pylist() for a in row)

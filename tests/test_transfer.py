@@ -83,7 +83,7 @@ def test_next_fallback_puts_the_one_hot_on_the_following_token(golden):
     case = golden["transfer"]["B"]
     bridge = _golden_bridge(golden)
     alignment = dtw_align(["Hello", "ĠWorld"], ["▁Hello", "▁world"])
-    ids, logits = bridge.transfer(
+    ids, logits, _ = bridge.transfer(
         case["target_ids"],
         case["source_ids"],
         case["source_topk_ids"],
@@ -100,7 +100,7 @@ def test_offset_alignment_without_token_check_transfers_every_paired_position(go
     case = golden["transfer"]["B"]
     text = "Hello World"
     alignment = offset_align([(0, 5), (5, 11)], [(0, 5), (5, 11)], text)
-    ids, _ = _golden_bridge(golden).transfer(
+    ids, _, _ = _golden_bridge(golden).transfer(
         case["target_ids"],
         case["source_ids"],
         case["source_topk_ids"],
@@ -114,7 +114,7 @@ def test_offset_alignment_without_token_check_transfers_every_paired_position(go
 def test_duplicate_mapped_ids_keep_the_first_highest_logit(golden):
     bridge = _golden_bridge(golden)
     # ĠWorld and Ġworld both map to ▁world: only the first entry (logit 5) survives.
-    ids, logits = bridge.transfer(
+    ids, logits, _ = bridge.transfer(
         [4], [2], [[6, 2, 4]], [[5.0, 3.0, 1.0]], dtw_align(["Ġworld"], ["▁world"])
     )
     assert ids.tolist() == [[4, 8, PAD_ID]]
@@ -177,3 +177,43 @@ def test_empty_sequences_are_rejected(golden, empty):
         _golden_bridge(golden).transfer(
             arguments["target_ids"], arguments["source_ids"], [[1]], [[1.0]], alignment
         )
+
+
+def test_special_tokens_map_by_role_in_clean_bridges(golden):
+    vocab = golden["vocab"]
+    bridge = VocabBridge.build(vocab["source_vocab"], vocab["target_vocab"])
+    # reference: <|endoftext|> goes to <unk>, the nearest spelling (golden mined_map)
+    assert vocab["target_vocab"][bridge.mapped_ids[0]] == "<unk>"
+    clean = bridge.with_special_roles({"eos": 0}, {"unk": 0, "bos": 1, "eos": 2})
+    assert clean.mapped_ids[0] == clean.exact_ids[0] == 2  # EOS → </s>
+    assert (clean.mapped_ids[1:] == bridge.mapped_ids[1:]).all()  # ordinary tokens unchanged
+    # a top-k holding EOS moves its mass onto the target's EOS
+    moved = clean.transfer([3, 4], [1, 2], [[2, 0], [0, 3]], [[1.0, 0.5], [2.0, 0.0]], _pairs(2))
+    assert moved.ids.tolist() == [[4, 2], [2, 5]]
+
+
+def _pairs(n):
+    from fusion.align import Alignment
+
+    return Alignment(0.0, [[i] for i in range(n)], [[i] for i in range(n)])
+
+
+def test_real_eos_maps_to_eos_and_no_ordinary_token_lands_on_a_special():
+    from fusion.models import special_tokens, vocab_list
+    from fusion.packaged_tokenizers import gpt2_tokenizer, mistral_tokenizer
+
+    gpt2, mistral = gpt2_tokenizer(), mistral_tokenizer()
+    source_vocab, target_vocab = vocab_list(gpt2), vocab_list(mistral)
+    mapping = {"<|endoftext|>": "<unk>", "Ġ</": "</s>", "Ġworld": "▁world"}
+    mapping = {k.replace("Ġ", "▁"): v for k, v in mapping.items()}
+    bridge = VocabBridge.build(source_vocab, target_vocab, mapping).with_special_roles(
+        special_tokens(gpt2), special_tokens(mistral)
+    )
+    eos = gpt2.convert_tokens_to_ids("<|endoftext|>")
+    assert target_vocab[bridge.mapped_ids[eos]] == "</s>"
+    assert bridge.mapped_ids[gpt2.convert_tokens_to_ids("Ġ</")] == PAD_ID  # not onto </s>
+    assert target_vocab[bridge.mapped_ids[gpt2.convert_tokens_to_ids("Ġworld")]] == "▁world"
+    specials = {mistral.convert_tokens_to_ids(t) for t in ("<unk>", "<s>", "</s>")}
+    ordinary = np.ones(len(source_vocab), bool)
+    ordinary[eos] = False
+    assert not np.isin(bridge.mapped_ids[ordinary], list(specials)).any()

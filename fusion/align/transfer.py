@@ -9,8 +9,8 @@ same as ragged lists, the reference's shape.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from fusion.align.markers import BYTE_LEVEL, SENTENCEPIECE, translate_marker
 from fusion.align.vocab import mined_vocab_map, vocab_index
 
 PAD_ID = -1
+_ROLE_ORDER = {"eos": 0, "bos": 1, "unk": 3, "pad": 3}  # EOS wins where PAD shares its id
 Mode = Literal["soft", "hard"]
 Fallback = Literal["current", "next"]
 
@@ -51,6 +52,14 @@ def _first_wins(ids: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.nda
     ids = np.where(keep, np.take_along_axis(ids, order, axis=1), PAD_ID)
     logits = np.where(keep, np.take_along_axis(logits, order, axis=1), -np.inf)
     return ids, logits
+
+
+class Transferred(NamedTuple):
+    """A source's top-k in target ids ``[L, k]`` and which positions are its own (``[L]``)."""
+
+    ids: np.ndarray
+    logits: np.ndarray
+    aligned: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,33 @@ class VocabBridge:
             mapped_ids=np.asarray(mapped, dtype=np.int64),
         )
 
+    def with_special_roles(
+        self, source_specials: Mapping[str, int], target_specials: Mapping[str, int]
+    ) -> VocabBridge:
+        """The same bridge with special tokens mapped by role, not by spelling (clean mode).
+
+        ``*_specials`` name each side's special ids by role (``bos``, ``eos``, ``unk``,
+        ``pad``) and any other special token by its spelling. A source EOS goes to the target
+        EOS, BOS to BOS, another special to the target special spelled the same; UNK, PAD and
+        specials the target lacks go nowhere. No ordinary source token lands on a target
+        special: MinED would otherwise send ``<|endoftext|>`` to whatever is spelled closest.
+        """
+        exact, mapped = self.exact_ids.copy(), self.mapped_ids.copy()
+        target_special_ids = np.fromiter(target_specials.values(), dtype=np.int64)
+        for table in (exact, mapped):
+            table[np.isin(table, target_special_ids)] = PAD_ID
+        assigned: set[int] = set()
+        ordered = sorted(source_specials.items(), key=lambda item: _ROLE_ORDER.get(item[0], 2))
+        for role, source_id in ordered:
+            if source_id in assigned or not 0 <= source_id < len(self.source_vocab):
+                continue
+            assigned.add(source_id)
+            by_role = role not in ("unk", "pad")
+            exact[source_id] = mapped[source_id] = (
+                target_specials.get(role, PAD_ID) if by_role else PAD_ID
+            )
+        return replace(self, exact_ids=exact, mapped_ids=mapped)
+
     def _first_position_agrees(self, target_id: int, source_id: int, mode: Mode) -> bool:
         """The token check at position 0, with the reference's SentencePiece dummy-prefix rule."""
         bt = self.target_vocab[target_id]
@@ -121,14 +157,16 @@ class VocabBridge:
         mode: Mode = "soft",
         fallback: Fallback = "current",
         check_tokens: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> Transferred:
         """Per target position, the aligned source top-k in target ids, else a one-hot.
 
         ``mode="hard"`` keeps only top-k tokens the target spells the same and aligns only
         identical tokens; ``"soft"`` goes through the vocabulary map. ``fallback`` puts the
         one-hot on the current target token (reference) or the next one (clean; the last
         position then has none). ``check_tokens=False`` trusts the alignment alone (offsets).
-        Returns ``ids`` int32 ``[L, k]`` padded with PAD_ID and ``logits`` float64 with -inf.
+        Returns ``ids`` int32 ``[L, k]`` padded with PAD_ID, ``logits`` float64 with -inf, and
+        ``aligned`` bool ``[L]``: the position carries this source's own distribution (false
+        where it holds the one-hot fallback, or where no top-k entry survived the mapping).
         """
         if mode not in ("soft", "hard"):
             raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
@@ -196,6 +234,7 @@ class VocabBridge:
 
         one_hot = np.ones(len(target), dtype=bool)
         one_hot[rows] = False
+        aligned = (ids != PAD_ID).any(axis=1) & ~one_hot
         if fallback == "next":
             one_hot[-1] = False
             label = np.roll(target, -1)
@@ -203,7 +242,7 @@ class VocabBridge:
             label = target
         ids[one_hot, 0] = label[one_hot]
         logits[one_hot, 0] = 1.0
-        return ids.astype(np.int32), logits
+        return Transferred(ids.astype(np.int32), logits, aligned)
 
 
 def transfer_topk(
@@ -245,7 +284,7 @@ def transfer_topk(
             source_marker=source_marker,
             target_marker=target_marker,
         )
-    ids, logits = bridge.transfer(
+    ids, logits, _ = bridge.transfer(
         target_ids,
         source_ids,
         source_topk_ids,

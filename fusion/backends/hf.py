@@ -19,11 +19,13 @@ class ModelOutputError(FusionError):
 
 @dataclass(frozen=True)
 class TopK:
-    """A model's reading of one sequence: top-k per position and the mean next-token CE."""
+    """A model's reading of one sequence: top-k per position, the mean next-token CE and the
+    total next-token NLL (nats) in the model's own tokenization."""
 
     ids: np.ndarray  # int32 [L, k]
     logits: np.ndarray  # float32 [L, k], highest first
     ce: float
+    nll: float
 
 
 class HFTopK:
@@ -101,6 +103,7 @@ class HFTopK:
                 indices[row, :length],
                 values[row, :length],
                 float(nll[row, : length - 1].mean()) if length > 1 else float("inf"),
+                float(nll[row, : length - 1].sum()) if length > 1 else float("inf"),
             )
             for row, length in enumerate(lengths.tolist())
         ]

@@ -100,5 +100,6 @@ class VLLMTopK:
                 )
             if p + 1 < len(sequence):
                 nll.append(-entries[int(sequence[p + 1])].logprob)
-        ce = float(np.mean(nll)) if nll else float("inf")
-        return TopK(ids, values, ce)
+        if not nll:
+            return TopK(ids, values, float("inf"), float("inf"))
+        return TopK(ids, values, float(np.mean(nll)), float(np.sum(nll)))

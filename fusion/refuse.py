@@ -1,0 +1,90 @@
+"""`fusion refuse`: fuse a prepared data set again, another way, without running any model.
+
+The per-candidate columns of a prepared data set hold everything fusion needs (aligned top-k,
+fallback marks, CEs), so MinCE/AvgCE, per-token or per-sequence, per-byte CE, the no-teacher
+treatment and the set of candidates can be changed by re-fusing them into a new folder: a few
+seconds where a new `fusion prepare` would run every model again. The new folder is a complete
+data set (parts, commits, manifest with its own diagnostics) that `fusion train` reads as any
+other; a killed run resumes part by part.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from fusion.chunking import encode
+from fusion.config import FuseConfig, FusionConfig
+from fusion.corpus import Shard
+from fusion.errors import FusionError
+from fusion.models import load_tokenizer
+from fusion.output import OutputDir
+from fusion.pipeline import PrepareSummary, candidates, fingerprint, finish
+from fusion.rows import FUSED, schema, table_to_batch
+from fusion.stages import fuse_batch, object_array, write_batch
+
+
+class RefuseError(FusionError):
+    """A data set that cannot be fused again as asked."""
+
+
+def refuse(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    fuse: FuseConfig,
+    *,
+    with_target: bool | None = None,
+    overwrite: bool = False,
+) -> PrepareSummary:
+    """Fuse the candidates of the prepared data set in ``data_dir`` with ``fuse`` into
+    ``out_dir``. ``with_target=False`` leaves the target's own distribution out of the
+    candidates (``None`` keeps the data set's choice)."""
+    started = time.perf_counter()
+    source = Path(data_dir)
+    manifest_file = source / "manifest.json"
+    if not manifest_file.is_file():
+        raise RefuseError(f"{source} holds no complete prepared data set (no manifest.json)")
+    manifest = json.loads(manifest_file.read_text())
+    config = FusionConfig.model_validate(manifest["config"])
+    if with_target and not config.target.as_teacher:
+        raise RefuseError(
+            f"{source} was prepared without the target as a teacher (target.as_teacher: false); "
+            "its distribution is not there to fuse"
+        )
+    target = config.target.model_copy(
+        update={"as_teacher": config.target.as_teacher if with_target is None else with_target}
+    )
+    config = config.model_copy(
+        update={
+            "target": target,
+            "fuse": fuse,
+            "output": config.output.model_copy(update={"dir": str(out_dir)}),
+        }
+    )
+    names = candidates(config)
+    out = OutputDir(str(out_dir))
+    resolved = config.model_dump(mode="json")
+    out.claim(fingerprint(config), resolved, overwrite=overwrite)
+    tokenizer = load_tokenizer(config.target.path)
+    table_schema = schema([*names, FUSED], config.align.top_k)
+    shards = [
+        Shard(index, str(source / entry["file"]), "parquet")
+        for index, entry in enumerate(manifest["files"])
+    ]
+    progress = out.progress()
+    for shard in shards:
+        if shard.index in progress.complete_shards():
+            continue
+        table = pq.read_table(shard.path)
+        batch = table_to_batch(table)
+        batch["offsets"] = object_array(
+            [encode(tokenizer, str(text), False)[1] for text in batch["text"]]
+        )
+        batch["shard"] = [shard.index] * table.num_rows
+        batch["shard_total"] = [table.num_rows] * table.num_rows
+        fused = fuse_batch(batch, names, config.fuse, config.align.mode)
+        write_batch(fused, out.path, table_schema, config.align.top_k, names)
+    return finish(out, config, out.progress(), shards, 0, started, resolved)
