@@ -73,6 +73,11 @@ def demo(
         f"fused vs clm_only: {delta:+.4f} bpb on average; best model: "
         f"{results['verdict']['best_model']}; {results['wall_seconds']:.0f} s"
     )
+    noise = results["noise"]["avg"]
+    typer.echo(
+        f"over two data orders: mean {noise['delta_mean']:+.4f} bpb, one order's own change "
+        f"{noise['band']:.4f}: {'beyond' if noise['beyond_band'] else 'within'} the noise"
+    )
     typer.echo(f"report: {out / 'report.md'}")
 
 

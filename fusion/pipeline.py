@@ -33,6 +33,7 @@ from fusion.output import OutputDir, Progress
 from fusion.rows import FUSED, TARGET, schema
 from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
 
+DATA_FORMAT = "fusion-teacher-data/2"  # /2: fallback marks, per-position choices, NLL columns
 SMALL_CPU = 0.1  # reservation of the light CPU stages (chunking, alignment, fusion, writing)
 
 
@@ -65,6 +66,7 @@ class PrepareSummary:
 def fingerprint(config: FusionConfig) -> str:
     """Hash of everything that changes the rows (not resources, Ray or where output goes)."""
     relevant = {
+        "format": DATA_FORMAT,
         "target": config.target.model_dump(
             include={"path", "dtype", "attention", "as_teacher", "gguf_file"}
         ),
@@ -237,7 +239,7 @@ def prepare(
     finished = out.manifest()
     if finished is not None and finished.get("fingerprint") == fingerprint(config):
         echo(f"{out.path} is complete (manifest.json); nothing to do")
-        return _summary_of(finished, out.path, started)
+        return summary_of(finished, out.path, started)
     progress = out.progress()
     complete = progress.complete_shards()
     todo = [s for s in shards if s.index not in complete]
@@ -286,7 +288,8 @@ def prepare(
     return finish(out, config, progress, shards, len(shards) - len(todo), started, resolved)
 
 
-def _summary_of(manifest: dict, output_dir: str, started: float) -> PrepareSummary:
+def summary_of(manifest: dict, output_dir: str, started: float) -> PrepareSummary:
+    """The summary of a data set finished earlier, read from its manifest."""
     return PrepareSummary(
         output_dir=output_dir,
         rows=manifest["rows"],
@@ -321,7 +324,7 @@ def finish(
     for part in progress.parts:
         add_counts(counts, part.get("teacher_counts", {}))
     manifest = {
-        "format": "fusion-teacher-data/1",
+        "format": DATA_FORMAT,
         "status": "complete",
         "fingerprint": fingerprint(config),
         "config": resolved,

@@ -22,7 +22,7 @@ from fusion.corpus import Shard
 from fusion.errors import FusionError
 from fusion.models import load_tokenizer
 from fusion.output import OutputDir
-from fusion.pipeline import PrepareSummary, candidates, fingerprint, finish
+from fusion.pipeline import PrepareSummary, candidates, fingerprint, finish, summary_of
 from fusion.rows import FUSED, schema, table_to_batch
 from fusion.stages import fuse_batch, object_array, write_batch
 
@@ -67,6 +67,9 @@ def refuse(
     names = candidates(config)
     out = OutputDir(str(out_dir))
     resolved = config.model_dump(mode="json")
+    done = out.manifest() if Path(out_dir).is_dir() else None
+    if done is not None and done.get("fingerprint") == fingerprint(config):
+        return summary_of(done, out.path, started)  # fused this way already
     out.claim(fingerprint(config), resolved, overwrite=overwrite)
     tokenizer = load_tokenizer(config.target.path)
     table_schema = schema([*names, FUSED], config.align.top_k)

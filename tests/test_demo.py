@@ -39,7 +39,20 @@ def test_quick_demo_writes_a_complete_report_of_finite_numbers(ray_cluster, tmp_
     assert saved["domains"] == ["code", "prose", "arith"] == results["domains"]
     expected = {"fused", "clm_only", "target_init", "code_expert", "prose_expert", "arith_expert"}
     expected |= {"ensemble_pair", "linear_merge", "ties_merge", f"distill_{saved['best_source']}"}
+    expected |= {"fused_order2", "clm_only_order2"}
     assert expected <= set(saved["models"])
+    avg = saved["noise"]["avg"]
+    models = saved["models"]
+    assert avg["band"] == pytest.approx(
+        max(
+            abs(models["fused"]["avg_bpb"] - models["fused_order2"]["avg_bpb"]),
+            abs(models["clm_only"]["avg_bpb"] - models["clm_only_order2"]["avg_bpb"]),
+        ),
+        abs=1e-5,
+    )
+    main = saved["teacher_data"]["main"]["diagnostics"]
+    assert main["fused"]["fallback_over_real"] == 0
+    assert set(main["candidates"]) == {"target", "code_expert", "prose_expert", "arith_expert"}
     for name, entry in saved["models"].items():
         assert set(entry["bpb"]) == set(saved["domains"]), name
         values = [*entry["bpb"].values(), entry["avg_bpb"]]

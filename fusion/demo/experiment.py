@@ -3,9 +3,12 @@
 Teacher data sets are made by the real ``fusion prepare`` pipeline and every arm is trained by
 the real ``fusion train`` (Ray Train). The main data set (clean settings: character-offset
 alignment, MinED vocabulary map, MinCE per token) serves ``fused``, ``clm_only`` (λ = 1: the
-teacher is ignored) and single-teacher distillation from the best source. FuseLLM variants
-each need their own data set: AvgCE, exact vocabulary match, and the reference settings (DTW,
-the reference's quirks, MinCE per sequence, bf16 teacher).
+teacher is ignored) and single-teacher distillation from the best source; both main arms run
+with a second data order too, so the report can set each difference against the noise of
+the order alone. Variants that only fuse differently (AvgCE, MinCE per sequence on per-byte
+CE) are re-fused from the main data set's stored candidates (`fusion refuse`, no model runs);
+variants that align differently (exact vocabulary match, the reference settings: DTW, the
+reference's quirks, MinCE per sequence, bf16 teacher) need their own `fusion prepare`.
 """
 
 from __future__ import annotations
@@ -33,25 +36,37 @@ class Arm:
     description: str
     teacher: str = "fused"
     lam: float = LAM
+    order: int = 0
     train: dict = field(default_factory=dict, hash=False)
 
 
-DATASETS: dict[str, dict] = {
+SECOND_ORDER = "_order2"  # suffix of the arms trained on a second data order
+PREPARED: dict[str, dict] = {
     "main": {},
-    "avg_ce": {"fuse": {"method": "avg_ce", "granularity": "token"}},
     "exact": {"align": {"vocab_map": "exact"}},
     "reference": {
         "align": {"method": "dtw", "vocab_map": "mined", "mode": "reference"},
         "fuse": {"method": "min_ce", "granularity": "sequence"},
     },
 }
+REFUSED: dict[str, dict] = {  # fused again from "main"'s stored candidates: fuse, candidates
+    "avg_ce": {"fuse": {"method": "avg_ce", "granularity": "token"}},
+    "sequence_byte": {"fuse": {"method": "min_ce", "granularity": "sequence", "ce_unit": "byte"}},
+    "sequence_token": {"fuse": {"method": "min_ce", "granularity": "sequence", "ce_unit": "token"}},
+    "no_target": {"fuse": {"method": "min_ce", "granularity": "token"}, "as_teacher": False},
+    "mask": {"fuse": {"method": "min_ce", "granularity": "token", "no_teacher": "mask"}},
+}
 
 
 def arms(scale: Scale, best_source: str) -> list[Arm]:
     """The arms of this scale: the baselines always, the FuseLLM variants when it allows."""
+    fused = f"FuseLLM, λ={LAM}: MinCE per token over target + 3 sources"
+    clm = "continual training on the same text, λ=1"
     chosen = [
-        Arm("fused", "main", f"FuseLLM, λ={LAM}: MinCE per token over target + 3 sources"),
-        Arm("clm_only", "main", "continual training on the same text, λ=1", lam=1.0),
+        Arm("fused", "main", fused),
+        Arm("clm_only", "main", clm, lam=1.0),
+        Arm(f"fused{SECOND_ORDER}", "main", f"{fused}; second data order", order=1),
+        Arm(f"clm_only{SECOND_ORDER}", "main", f"{clm}; second data order", lam=1.0, order=1),
         Arm(
             f"distill_{best_source}",
             "main",
@@ -62,6 +77,11 @@ def arms(scale: Scale, best_source: str) -> list[Arm]:
     if scale.variants:
         chosen += [
             Arm("fused_avg_ce", "avg_ce", "FuseLLM with AvgCE instead of MinCE"),
+            Arm(
+                "fused_sequence_byte",
+                "sequence_byte",
+                "FuseLLM with MinCE per sequence on per-byte CE instead of per token",
+            ),
             Arm("fused_exact", "exact", "FuseLLM with exact vocabulary match instead of MinED"),
             Arm(
                 "fused_reference",
@@ -120,8 +140,11 @@ def raw_config(world: World, out: Path, scale: Scale, dataset: str = "main") -> 
             "eval_max_length": scale.max_length,
         },
     }
-    for section, values in DATASETS[dataset].items():
+    for section, values in PREPARED.get(dataset, {}).items():
         raw[section] = raw[section] | values
+    if dataset in REFUSED:
+        raw["fuse"] = REFUSED[dataset]["fuse"]
+        raw["target"] |= {"as_teacher": REFUSED[dataset].get("as_teacher", True)}
     return raw
 
 
@@ -131,6 +154,7 @@ def arm_config(world: World, out: Path, scale: Scale, arm: Arm) -> FusionConfig:
     raw["train"] |= {
         "teacher": arm.teacher,
         "lam": arm.lam,
+        "seed": scale.seed + arm.order,
         "storage_path": f"arms/{arm.name}",
         **arm.train,
     }
@@ -158,11 +182,23 @@ def write_run_config(world: World, out: Path, scale: Scale) -> Path:
 def prepare_dataset(
     world: World, out: Path, scale: Scale, dataset: str, *, echo: Callable[[str], None]
 ) -> dict:
-    """Run (or resume) `fusion prepare` for one data set; return its manifest."""
+    """Run (or resume) `fusion prepare` for one data set, or re-fuse it from the main one;
+    return its manifest."""
     from fusion.pipeline import prepare
+    from fusion.refuse import refuse
 
     config = parse_config(raw_config(world, out, scale, dataset), base=out)
-    summary = prepare(config, overwrite=True, quiet=True, echo=lambda _: None)
+    if dataset in REFUSED:
+        main = parse_config(raw_config(world, out, scale, "main"), base=out).output.dir
+        summary = refuse(
+            main,
+            config.output.dir,
+            config.fuse,
+            with_target=config.target.as_teacher,
+            overwrite=True,
+        )
+    else:
+        summary = prepare(config, overwrite=True, quiet=True, echo=lambda _: None)
     echo(f"  teacher data {dataset}: {summary.line()}")
     return json.loads((Path(config.output.dir) / "manifest.json").read_text())
 

@@ -47,6 +47,46 @@ def token_efficiency(fused: Sequence[tuple[int, float]], clm: Sequence[tuple[int
     }
 
 
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def noise_band(
+    models: Mapping[str, dict], domains: Sequence[str], second: str, teacher_arm: str
+) -> dict:
+    """Fused against clm_only over both data orders, and the band one order's change spans.
+
+    The band is the larger of the two arms' |order 1 − order 2| (per domain and on average):
+    a difference smaller than it is within what the data order alone moves.
+    """
+
+    def orders(name: str, domain: str | None) -> list[float]:
+        pick = (lambda e: e["avg_bpb"]) if domain is None else (lambda e: e["bpb"][domain])
+        return [pick(models[name]), pick(models[name + second])]
+
+    out = {}
+    for domain in [None, *domains]:
+        fused, clm = orders("fused", domain), orders("clm_only", domain)
+        deltas = [f - c for f, c in zip(fused, clm, strict=True)]
+        band = max(abs(fused[0] - fused[1]), abs(clm[0] - clm[1]))
+        out[domain or "avg"] = {
+            "fused": [round(v, 5) for v in fused],
+            "clm_only": [round(v, 5) for v in clm],
+            "delta_per_order": [round(d, 5) for d in deltas],
+            "delta_mean": round(_mean(deltas), 5),
+            "band": round(band, 5),
+            "beyond_band": all(d < 0 for d in deltas) and -_mean(deltas) > band,
+        }
+    teacher = models[teacher_arm]["avg_bpb"]
+    vs_teacher = _mean(orders("fused", None)) - teacher
+    out["vs_best_single_teacher"] = {
+        "arm": teacher_arm,
+        "delta_mean": round(vs_teacher, 5),
+        "beyond_band": -vs_teacher > out["avg"]["band"],
+    }
+    return out
+
+
 def verdict(models: Mapping[str, dict], domains: Sequence[str]) -> dict:
     """Fused against every other model: Δ average bpb (negative: fused is better)."""
     fused = models["fused"]["avg_bpb"]
@@ -98,6 +138,37 @@ def _verdict_text(results: dict) -> str:
         "- per domain vs clm_only: "
         + ", ".join(f"{d} {x:+.4f}" for d, x in v["delta_bpb_vs_clm_only_per_domain"].items()),
     ]
+    noise = results.get("noise")
+    if noise:
+        avg = noise["avg"]
+        lines.append(
+            f"- **over two data orders: fused − clm_only = {avg['delta_per_order'][0]:+.4f} and "
+            f"{avg['delta_per_order'][1]:+.4f} (mean {avg['delta_mean']:+.4f}); one order's own "
+            f"change spans {avg['band']:.4f}** — fused "
+            + (
+                "beats clm_only beyond that band."
+                if avg["beyond_band"]
+                else "does **not** beat clm_only beyond that band."
+            )
+        )
+        lines.append(
+            "- per domain, mean Δ (band): "
+            + ", ".join(
+                f"{d} {noise[d]['delta_mean']:+.4f} ({noise[d]['band']:.4f})"
+                + (" ✓" if noise[d]["beyond_band"] else "")
+                for d in results["domains"]
+            )
+        )
+        teacher = noise["vs_best_single_teacher"]
+        lines.append(
+            f"- against the best single teacher ({teacher['arm']}): fused (mean of both orders) "
+            f"{teacher['delta_mean']:+.4f} — "
+            + (
+                "better beyond the band."
+                if teacher["beyond_band"]
+                else "not better beyond the band."
+            )
+        )
     losers = {n: d for n, d in v["delta_avg_bpb_vs"].items() if d >= 0}
     if v["fused_beats_all"]:
         lines.append("- fused has the lowest average bpb of every model in the table.")
@@ -120,6 +191,30 @@ def _verdict_text(results: dict) -> str:
             f"({eff['clm_only_final_bpb']:.4f}) within the budget."
         )
     return "\n".join(lines)
+
+
+def _teacher_table(teacher_data: Mapping[str, dict]) -> str:
+    """Per data set: each candidate's coverage / label-in-top-k / taught share, and the
+    fused teacher's no-teacher share and CE."""
+    rows = [
+        "| data set | candidate: coverage / label in top-k / taught | no teacher | fallback "
+        "over a real candidate | fused CE (bits/byte) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in teacher_data.items():
+        found = entry.get("diagnostics")
+        if not found:
+            continue
+        cells = "; ".join(
+            f"{c} {v['coverage']:.2f} / {v['label_in_topk']:.2f} / {v['taught']:.2f}"
+            for c, v in found["candidates"].items()
+        )
+        fused = found["fused"]
+        rows.append(
+            f"| {name} | {cells} | {fused['no_teacher']:.3f} | {fused['fallback_over_real']} | "
+            f"{fused['ce_bits_per_byte']:.3f} |"
+        )
+    return "\n".join(rows)
 
 
 def write_report(out: Path, results: dict, settings: Mapping[str, object]) -> None:
@@ -147,6 +242,15 @@ def write_report(out: Path, results: dict, settings: Mapping[str, object]) -> No
         "",
         "![held-out bpb against tokens seen](curve.png)",
         "",
+        "## What the teachers held",
+        "",
+        "Shares of labelled target positions (`fusion inspect` on each data set): coverage = the "
+        "candidate has its own aligned distribution there; label in top-k = that distribution "
+        "holds the next target token; taught = fusion took it. No teacher = no candidate "
+        "could teach the position (it gets the one-hot label).",
+        "",
+        _teacher_table(results.get("teacher_data", {})),
+        "",
         "## Settings",
         "",
         *[f"- **{key}**: {value}" for key, value in settings.items()],
@@ -155,9 +259,8 @@ def write_report(out: Path, results: dict, settings: Mapping[str, object]) -> No
         + ", ".join(f"{k} {v:.0f} s" for k, v in results["phase_seconds"].items())
         + ")",
         "",
-        "One data order and one seed: differences of a few thousandths of a bit per byte are "
-        "within what another order would move. Run `fusion demo` without `--quick` for the "
-        "larger budget and the FuseLLM variants.",
+        "`fused` and `clm_only` ran on two data orders (`*_order2`); every other arm on one. "
+        "Run `fusion demo` without `--quick` for the larger budget and the FuseLLM variants.",
         "",
     ]
     write_text_atomically(out / "report.md", "\n".join(lines))

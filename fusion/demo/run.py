@@ -13,12 +13,19 @@ from fusion.demo.corpora import DOMAINS
 from fusion.demo.experiment import (
     LAM,
     LR,
+    SECOND_ORDER,
     arms,
     prepare_dataset,
     train_arm,
     write_run_config,
 )
-from fusion.demo.report import learning_curve, token_efficiency, verdict, write_report
+from fusion.demo.report import (
+    learning_curve,
+    noise_band,
+    token_efficiency,
+    verdict,
+    write_report,
+)
 from fusion.demo.world import PAIR, SOURCES, TARGET, TOKENIZERS, Scale, World, build_world
 from fusion.files import write_text_atomically
 
@@ -161,13 +168,14 @@ def run_demo(
         "wall_seconds": round(time.perf_counter() - started, 1),
         "phase_seconds": phases,
         "verdict": verdict(models, DOMAINS),
+        "noise": noise_band(models, DOMAINS, SECOND_ORDER, f"distill_{best}"),
         "token_efficiency": token_efficiency(curves["fused"], curves["clm_only"]),
         "curves": curves,
         "best_source": best,
         "roles": _roles(arm_list, best),
         "arms": {arm.name: arm.description for arm in arm_list},
         "teacher_data": {
-            name: {k: m[k] for k in ("rows", "tokens", "bytes_per_token")}
+            name: {k: m[k] for k in ("rows", "tokens", "bytes_per_token", "diagnostics")}
             for name, m in manifests.items()
         },
         "quick": scale.variants is False,
