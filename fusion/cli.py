@@ -266,10 +266,10 @@ def inspect(
 def refuse(
     data_dir: Annotated[Path, typer.Argument(help="A prepared data folder to fuse again.")],
     out_dir: Annotated[Path, typer.Argument(help="Folder for the re-fused data set.")],
-    method: Annotated[str, typer.Option(help="min_ce or avg_ce.")] = "min_ce",
-    granularity: Annotated[str, typer.Option(help="token or sequence.")] = "token",
-    ce_unit: Annotated[str, typer.Option(help="auto, token or byte (per sequence).")] = "auto",
-    no_teacher: Annotated[str, typer.Option(help="one_hot or mask.")] = "one_hot",
+    method: Annotated[str | None, typer.Option(help="min_ce or avg_ce.")] = None,
+    granularity: Annotated[str | None, typer.Option(help="token or sequence.")] = None,
+    ce_unit: Annotated[str | None, typer.Option(help="auto, token or byte.")] = None,
+    no_teacher: Annotated[str | None, typer.Option(help="one_hot or mask.")] = None,
     target: Annotated[
         bool | None,
         typer.Option("--target/--no-target", help="Keep or drop the target as a candidate."),
@@ -278,25 +278,19 @@ def refuse(
         bool, typer.Option(help="Delete an output folder that holds another run.")
     ] = False,
 ) -> None:
-    """Fuse a prepared data set again another way (no model runs): a new data set."""
-    from pydantic import ValidationError
+    """Fuse a prepared data set again another way (no model runs): a new data set.
 
-    from fusion.config import FuseConfig
+    Options left out keep the data set's own fuse settings.
+    """
     from fusion.errors import FusionError
     from fusion.inspect import inspect_lines
     from fusion.refuse import refuse as run_refuse
 
+    options = {"method": method, "granularity": granularity, "ce_unit": ce_unit}
+    options["no_teacher"] = no_teacher
+    changes = {key: value for key, value in options.items() if value is not None}
     try:
-        fuse = FuseConfig(
-            method=method, granularity=granularity, ce_unit=ce_unit, no_teacher=no_teacher
-        )
-    except ValidationError as error:
-        problems = "; ".join(
-            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in error.errors()
-        )
-        raise _fail(problems) from None
-    try:
-        summary = run_refuse(data_dir, out_dir, fuse, with_target=target, overwrite=overwrite)
+        summary = run_refuse(data_dir, out_dir, changes, with_target=target, overwrite=overwrite)
         typer.echo(f"fused {summary.output_dir}: {summary.line()}")
         typer.echo("\n".join(inspect_lines(out_dir)))
     except FusionError as error:

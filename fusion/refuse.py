@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from fusion.chunking import encode
 from fusion.config import FuseConfig, FusionConfig
@@ -34,14 +36,15 @@ class RefuseError(FusionError):
 def refuse(
     data_dir: str | Path,
     out_dir: str | Path,
-    fuse: FuseConfig,
+    fuse: Mapping[str, object],
     *,
     with_target: bool | None = None,
     overwrite: bool = False,
 ) -> PrepareSummary:
-    """Fuse the candidates of the prepared data set in ``data_dir`` with ``fuse`` into
-    ``out_dir``. ``with_target=False`` leaves the target's own distribution out of the
-    candidates (``None`` keeps the data set's choice)."""
+    """Fuse the candidates of the prepared data set in ``data_dir`` into ``out_dir`` with its
+    ``fuse`` settings changed by ``fuse`` (e.g. ``{"method": "avg_ce"}``).
+    ``with_target=False`` leaves the target's own distribution out of the candidates
+    (``None`` keeps the data set's choice)."""
     started = time.perf_counter()
     source = Path(data_dir)
     manifest_file = source / "manifest.json"
@@ -57,10 +60,16 @@ def refuse(
     target = config.target.model_copy(
         update={"as_teacher": config.target.as_teacher if with_target is None else with_target}
     )
+    try:
+        changed = FuseConfig.model_validate(config.fuse.model_dump() | dict(fuse))
+    except ValidationError as error:
+        raise RefuseError(
+            "; ".join(f"fuse.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        ) from None
     config = config.model_copy(
         update={
             "target": target,
-            "fuse": fuse,
+            "fuse": changed,
             "output": config.output.model_copy(update={"dir": str(out_dir)}),
         }
     )

@@ -130,4 +130,4 @@ def test_refuse_without_the_target_teaches_only_from_the_source(prepared_world, 
             else:
                 assert choice == -2 and row["fused.topk_ids"][t] == [-1] * 10
     bad = CliRunner().invoke(app, ["refuse", str(root / "data"), str(out), "--method", "max"])
-    assert bad.exit_code == 2 and "--method" in bad.output
+    assert bad.exit_code == 2 and "fuse.method: Input should be 'min_ce' or 'avg_ce'" in bad.output

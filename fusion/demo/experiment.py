@@ -193,7 +193,7 @@ def prepare_dataset(
         summary = refuse(
             main,
             config.output.dir,
-            config.fuse,
+            config.fuse.model_dump(),
             with_target=config.target.as_teacher,
             overwrite=True,
         )
