@@ -134,7 +134,8 @@ def _verdict_text(results: dict) -> str:
     relative = delta / models["clm_only"]["avg_bpb"]
     lines = [
         f"- **fused vs clm_only (same text, same tokens): {delta:+.4f} bpb on average "
-        f"({relative:+.2%})** — fused is {'better' if delta < 0 else 'not better'}.",
+        f"({relative:+.2%})** on the first data order — fused is "
+        f"{'lower' if delta < 0 else 'not lower'} there.",
         "- per domain vs clm_only: "
         + ", ".join(f"{d} {x:+.4f}" for d, x in v["delta_bpb_vs_clm_only_per_domain"].items()),
     ]
