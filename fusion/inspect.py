@@ -8,7 +8,6 @@ position side by side: the target's token, each candidate's aligned top-3 and th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pyarrow.dataset as pads
 
 from fusion.errors import FusionError
 from fusion.fuse import MIXED, NO_TEACHER
+from fusion.output import complete_manifest
 from fusion.rows import FUSED, candidate_aligned, table_to_batch
 
 
@@ -25,17 +25,13 @@ class InspectError(FusionError):
 
 def read_manifest(folder: Path) -> dict:
     """The manifest of a complete prepared data set, or InspectError saying what is missing."""
-    file = folder / "manifest.json"
-    if not file.is_file():
-        raise InspectError(
-            f"{folder} holds no complete prepared data set (no manifest.json): run "
-            "`fusion prepare` first, or let it finish"
-        )
-    manifest = json.loads(file.read_text())
+    manifest = complete_manifest(
+        folder, InspectError, "run `fusion prepare` first, or let it finish"
+    )
     if "diagnostics" not in manifest:
         raise InspectError(
-            f"{file} has no teacher diagnostics: it was written by an older fusion; re-run "
-            "`fusion prepare` into a new folder"
+            f"{folder}/manifest.json has no teacher diagnostics: it was written by an older "
+            "fusion; re-run `fusion prepare` into a new folder"
         )
     return manifest
 

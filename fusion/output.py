@@ -18,7 +18,7 @@ import json
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -190,6 +190,14 @@ class OutputDir:
         if self.filesystem.get_file_info(path).type != pafs.FileType.File:
             return None
         return json.loads(_read(self.filesystem, path))
+
+
+def complete_manifest(folder: Path, error: type[FusionError], hint: str) -> dict:
+    """The manifest of a finished local data set; ``error`` says so with ``hint`` if missing."""
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise error(f"{folder} holds no complete prepared data set (no {MANIFEST}): {hint}")
+    return json.loads(file.read_text())
 
 
 def _column_bytes(metadata: pq.FileMetaData) -> dict[str, int]:

@@ -10,7 +10,6 @@ other; a killed run resumes part by part.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +22,7 @@ from fusion.config import FuseConfig, FusionConfig
 from fusion.corpus import Shard
 from fusion.errors import FusionError
 from fusion.models import load_tokenizer
-from fusion.output import OutputDir
+from fusion.output import OutputDir, complete_manifest
 from fusion.pipeline import PrepareSummary, candidates, fingerprint, finish, summary_of
 from fusion.rows import FUSED, schema, table_to_batch
 from fusion.stages import fuse_batch, object_array, write_batch
@@ -47,10 +46,7 @@ def refuse(
     (``None`` keeps the data set's choice)."""
     started = time.perf_counter()
     source = Path(data_dir)
-    manifest_file = source / "manifest.json"
-    if not manifest_file.is_file():
-        raise RefuseError(f"{source} holds no complete prepared data set (no manifest.json)")
-    manifest = json.loads(manifest_file.read_text())
+    manifest = complete_manifest(source, RefuseError, "run `fusion prepare` first")
     config = FusionConfig.model_validate(manifest["config"])
     if with_target and not config.target.as_teacher:
         raise RefuseError(

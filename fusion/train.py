@@ -17,6 +17,7 @@ from fusion.batches import own_column, teacher_columns
 from fusion.config import FusionConfig, TrainConfig
 from fusion.errors import FusionError, user_error_from
 from fusion.models import load_tokenizer, vocab_fingerprint
+from fusion.output import complete_manifest
 from fusion.pipeline import ClusterError, ensure_ray
 from fusion.train_loop import total_steps, train_loop_per_worker
 
@@ -54,13 +55,11 @@ def storage_dir(run: FusionConfig) -> Path:
 def check_dataset(run: FusionConfig) -> dict:
     """The data set's manifest, after checking it fits the target and the teacher asked for."""
     folder, teacher = data_dir(run), train_settings(run).teacher
-    manifest_file = folder / "manifest.json"
-    if not manifest_file.is_file():
-        raise DatasetMismatchError(
-            f"{folder} holds no complete prepared data set (no manifest.json): run "
-            "`fusion prepare` first, or point train.data at its output"
-        )
-    manifest = json.loads(manifest_file.read_text())
+    manifest = complete_manifest(
+        folder,
+        DatasetMismatchError,
+        "run `fusion prepare` first, or point train.data at its output",
+    )
     target = load_tokenizer(run.target.path, trust_remote_code=run.target.trust_remote_code)
     if manifest.get("target_vocab") != vocab_fingerprint(target):
         raise DatasetMismatchError(
