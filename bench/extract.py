@@ -6,6 +6,11 @@ align → fuse → write Parquet) runs with one actor of one thread, then two; t
 the same model over the same chunk texts with one torch thread and keeps the same top-k.
 
     .venv/bin/python -m bench.extract
+    .venv/bin/python -m bench.extract --memory   # peak memory of the output head at V = 262,144
+
+The memory figure reads one batch through a one-layer model with a 262,144-token vocabulary,
+each way in a fresh process: the dense head (the whole ``[B, L, V]`` float32 logits, then
+top-k and log-normaliser, as extraction did before) and the chunked head the backend uses.
 """
 
 from __future__ import annotations
@@ -31,6 +36,69 @@ from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 
 TOP_K = 10
 BATCH = 8
+BIG_VOCAB = 262_144
+
+
+def _peak_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_child(mode: str, batch: int, length: int) -> None:
+    """Print the extra peak memory (MiB) of reading one batch with the dense or chunked head."""
+    from fusion.head import ChunkedHead
+
+    torch.set_num_threads(2)
+    model = tiny_causal_lm("llama", BIG_VOCAB, layers=1).eval()
+    ids = torch.randint(0, BIG_VOCAB, (batch, length))
+    mask = torch.ones_like(ids)
+    head = ChunkedHead(model, masked=None)
+    before = _peak_mib()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        if mode == "dense":
+            logits = model(ids, attention_mask=mask).logits.float()
+            logits.topk(TOP_K, dim=-1)
+            torch.logsumexp(logits, -1)
+        else:
+            head.read(ids, mask, TOP_K)
+    print(f"{_peak_mib() - before:.0f} {time.perf_counter() - started:.1f}")
+
+
+def memory_figures() -> None:
+    import subprocess
+    import sys
+
+    rows, figures = [], {}
+    for mode, batch, length in (("dense", 2, 1024), ("chunked", 2, 1024), ("chunked", 8, 2048)):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.extract",
+                "--memory-child",
+                mode,
+                str(batch),
+                str(length),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        mib, seconds = float(out[-2]), float(out[-1])
+        figures[f"{mode}_{batch}x{length}"] = {"peak_mib": mib, "seconds": seconds}
+        rows.append(
+            (f"{mode} head, batch {batch} × {length}", f"{mib:,.0f} MiB", f"{seconds:.1f} s")
+        )
+    dense = figures["dense_2x1024"]["peak_mib"] * 8
+    rows.append(("dense head, batch 8 × 2048 (× 8 of 2 × 1024)", f"≈ {dense:,.0f} MiB", ""))
+    report(
+        "extract_memory",
+        rows,
+        {"vocab": BIG_VOCAB, "figures": figures},
+        header=("extra peak memory, V = 262,144", "value", "time"),
+    )
 
 
 def build_world(root: Path, corpus_chars: int) -> None:
@@ -115,7 +183,14 @@ def timed_prepare(root: Path, actors: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus-chars", type=int, default=600_000)
+    parser.add_argument("--memory", action="store_true", help="the head's peak memory instead")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        mode, batch, length = args.memory_child
+        return memory_child(mode, int(batch), int(length))
+    if args.memory:
+        return memory_figures()
     import ray
 
     root = Path(tempfile.mkdtemp(prefix="fusion-bench-extract-"))

@@ -19,6 +19,7 @@ import torch
 from fusion.config import DataConfig, ModelConfig
 from fusion.corpus import plan_shards, read_documents
 from fusion.errors import FusionError
+from fusion.head import ChunkedHead
 from fusion.models import load_causal_lm, load_tokenizer, vocab_fingerprint
 
 
@@ -81,6 +82,7 @@ def score(
 ) -> Score:
     """Score ``texts`` with one model, or an ensemble averaging the models' probabilities."""
     device = next(models[0].parameters()).device
+    heads = [ChunkedHead(model, masked=None) for model in models]
     pieces = sorted(windows(tokenizer, texts, max_length), key=len)
     nll, tokens = 0.0, 0
     for start in range(0, len(pieces), batch_size):
@@ -92,12 +94,10 @@ def score(
             ids[row, : len(piece)] = torch.tensor(piece)
             mask[row, : len(piece)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        labels = ids[:, 1:]
         per_model = []
-        for model in models:
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            log_probs = logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            per_model.append(log_probs)
+        for head in heads:  # the label's log-probability, never a [B, L, V] log-softmax
+            reading = head.read(ids, mask, top_k=1)
+            per_model.append((reading.label_logit - reading.lse)[:, :-1])
         log_probs = torch.logsumexp(torch.stack(per_model), dim=0) - math.log(len(models))
         real = mask[:, 1:].bool()
         nll -= float(log_probs[real].double().sum())

@@ -10,6 +10,7 @@ import torch
 from fusion.chunking import encode
 from fusion.config import ModelConfig
 from fusion.errors import FusionError
+from fusion.head import ChunkedHead
 from fusion.models import load_causal_lm, load_tokenizer, resolve_device, vocab_list
 
 
@@ -53,8 +54,9 @@ class HFTopK:
         for token_id, token in enumerate(self.vocab):
             if token.startswith("<|fusion:unused:"):
                 usable[token_id] = False
-        self.masked = (~usable).to(self.device)
-        self.any_masked = bool(self.masked.any())
+        self.head = ChunkedHead(
+            self.model, masked=(~usable).to(self.device), budget_mb=model.logits_budget_mb
+        )
         self.max_length = getattr(model, "max_length", None) or getattr(
             self.model.config, "max_position_embeddings", None
         )
@@ -68,11 +70,9 @@ class HFTopK:
 
     @torch.inference_mode()
     def read(self, sequences: list[np.ndarray], row_ids: list[str]) -> list[TopK]:
-        """Top-k and CE for each id sequence, from one right-padded forward pass.
-
-        Everything after the forward is batched and reuses the logits in place: one top-k,
-        one log-normaliser; the NaN check reads the top-1 values, not the logits again.
-        """
+        """Top-k and CE for each id sequence, from one right-padded forward pass whose output
+        head runs a few positions at a time (:class:`~fusion.head.ChunkedHead`): the batch's
+        ``[B, L, V]`` logits never exist at once. The NaN check reads the top-1 values."""
         lengths = torch.tensor([len(s) for s in sequences])
         batch = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long)
         for row, sequence in enumerate(sequences):
@@ -80,22 +80,17 @@ class HFTopK:
         positions = torch.arange(batch.shape[1])
         real = positions[None, :] < lengths[:, None]
         batch, real = batch.to(self.device), real.to(self.device)
-        logits = self.model(batch, attention_mask=real.long()).logits.float()
-        if self.any_masked:
-            logits.masked_fill_(self.masked, float("-inf"))
-        values, indices = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
+        reading = self.head.read(batch, real.long(), self.top_k)
+        values, indices = reading.values, reading.indices
         finite = torch.isfinite(values[..., 0]) | ~real  # NaN sorts first, +inf is the max
         if not finite.all():
             row = int((~finite).any(-1).nonzero()[0])
             raise ModelOutputError(
                 f"{self.field} produced NaN or infinite logits for row {row_ids[row]!r}"
             )
-        # Mean next-token CE per row: logsumexp minus the label's logit over real predictions,
-        # summed over the row's own positions only, so padding never changes the sum's order.
-        nll = (
-            torch.logsumexp(logits[:, :-1], -1)
-            - logits[:, :-1].gather(-1, batch[:, 1:, None]).squeeze(-1)
-        ).cpu()
+        # Per-position NLL of the next token; each row sums only its own positions, so the
+        # padding a batch adds never changes the sum's order.
+        nll = (reading.lse[:, :-1] - reading.label_logit[:, :-1]).cpu()
         values, indices = values.cpu().numpy(), indices.int().cpu().numpy()
         # A one-token reading predicts nothing: no evidence, so it never wins MinCE.
         return [
