@@ -45,6 +45,9 @@ class ModelConfig(_Strict):
     """Allow pickle (.bin/.pt) weights; safetensors only otherwise, since pickle can run code."""
     gguf_file: str | None = None
     """A GGUF file inside `path` to load (dequantised by transformers) instead of safetensors."""
+    cpu_threads: Annotated[int, Field(ge=1)] | None = None
+    """Torch threads of this model's actors on CPUs (default: the whole CPUs reserved, at
+    least one); more threads than reserved CPUs let a fractional actor use idle cores."""
     logits_budget_mb: Annotated[int, Field(ge=1)] = 256
     """Memory for the float32 logits of one chunk of positions: the output head runs over as
     many positions at a time as fit, so a batch's [B, L, V] logits never exist at once."""

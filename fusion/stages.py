@@ -31,11 +31,12 @@ def object_array(values: list) -> np.ndarray:
     return out
 
 
-def set_threads(num_cpus: float) -> None:
-    """Keep torch to the CPUs Ray reserved for this worker (fractions get one thread)."""
+def set_threads(num_cpus: float, threads: int | None = None) -> None:
+    """Torch threads of this worker: ``threads`` when configured, else the CPUs Ray reserved
+    for it (fractions get one thread)."""
     import torch
 
-    torch.set_num_threads(max(1, int(num_cpus)))
+    torch.set_num_threads(threads or max(1, int(num_cpus)))
 
 
 class ChunkStage:
@@ -89,7 +90,7 @@ class ForwardStage:
     def __init__(
         self, name: str, model: ModelConfig, *, num_cpus: float, num_gpus: float, top_k: int
     ):
-        set_threads(num_cpus)
+        set_threads(num_cpus, model.cpu_threads)
         self.name = name
         self.field = "target" if name == TARGET else f"source {name!r}"
         backend = HFTopK

@@ -89,3 +89,19 @@ def test_align_row_pairs_the_eos_tokens_after_the_text(golden):
         bridge, AlignConfig(), target_ids, target_offsets, source_ids[:2], source_offsets, text
     )
     assert without_source_eos.target_to_source[-1] == []
+
+
+def test_model_actors_use_the_configured_torch_threads(model_dirs):
+    import torch
+
+    from fusion.config import SourceConfig
+    from fusion.stages import ForwardStage
+
+    before = torch.get_num_threads()
+    try:
+        for threads, expected in ((2, 2), (None, 1)):
+            source = SourceConfig(name="s", path=str(model_dirs["gpt2"]), cpu_threads=threads)
+            ForwardStage("s", source, num_cpus=0.25, num_gpus=0, top_k=3)
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
