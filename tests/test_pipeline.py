@@ -205,20 +205,24 @@ from transformers import GPT2LMHeadModel
 
 
 class CrashOnceGPT2(GPT2LMHeadModel):
-    \"\"\"GPT-2 whose process dies in its second forward pass, the first time only.\"\"\"
+    \"\"\"GPT-2 whose process dies in the third pass through its body (the first is the
+    load-time check of the output head, the second the first batch), the first time only.\"\"\"
 
     calls = 0
 
-    def forward(self, *args, **kwargs):
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer.register_forward_pre_hook(self._crash_once)
+
+    def _crash_once(self, module, args):
         CrashOnceGPT2.calls += 1
-        if CrashOnceGPT2.calls == 2:
+        if CrashOnceGPT2.calls == 3:
             try:
                 os.close(os.open(self.config.crash_marker, os.O_CREAT | os.O_EXCL))
             except FileExistsError:
                 pass  # already died once: this is the restarted actor
             else:
                 os._exit(1)
-        return super().forward(*args, **kwargs)
 """
 
 
