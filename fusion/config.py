@@ -126,6 +126,9 @@ class AlignConfig(_Strict):
     """'reference' reproduces FuseLLM's quirks; 'clean' fixes them (see README)."""
     top_k: Annotated[int, Field(ge=1, le=1000)] = 10
     """Entries kept per position."""
+    map_cache: str | None = "~/.cache/fusion/vocab-maps"
+    """Folder where vocabulary maps are kept, keyed by both vocabularies, their markers and
+    the map kind, so a re-run or another job reuses them (null: always compute)."""
 
 
 class FuseConfig(_Strict):

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from fusion.config import FusionConfig, config_to_yaml
-from fusion.models import load_tokenizer
+from fusion.models import model_tokenizer
 
 
 def model_card(run: FusionConfig, progress, dataset: dict) -> str:
@@ -56,7 +56,7 @@ def export_model(module, run: FusionConfig, progress, export_dir: Path, dataset:
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
     module.save_pretrained(staging, safe_serialization=True)
-    load_tokenizer(run.target.path).save_pretrained(staging)
+    model_tokenizer(run.target).save_pretrained(staging)
     (staging / "fusion-config.yaml").write_text(config_to_yaml(run), encoding="utf-8")
     (staging / "README.md").write_text(model_card(run, progress, dataset), encoding="utf-8")
     summary = {

@@ -42,15 +42,25 @@ def _folder(path: str | Path, what: str) -> Path:
     return folder
 
 
-def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load the tokenizer saved in a local folder; never reaches for a hub."""
+def load_tokenizer(
+    path: str | Path, *, trust_remote_code: bool = False, gguf_file: str | None = None
+) -> PreTrainedTokenizerBase:
+    """Load the tokenizer saved in a local folder (or inside its GGUF file); never reaches
+    for a hub."""
     folder = _folder(path, "tokenizer folder")
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+    if gguf_file is None and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelFolderError(
             f"{str(folder)!r} holds no tokenizer: expected one of {', '.join(_TOKENIZER_FILES)}"
         )
     return AutoTokenizer.from_pretrained(
-        folder, local_files_only=True, trust_remote_code=trust_remote_code
+        folder, local_files_only=True, trust_remote_code=trust_remote_code, gguf_file=gguf_file
+    )
+
+
+def model_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of a configured model, with its remote-code and GGUF settings."""
+    return load_tokenizer(
+        model.path, trust_remote_code=model.trust_remote_code, gguf_file=model.gguf_file
     )
 
 
@@ -88,7 +98,7 @@ def check_model_folder(model: ModelConfig, field: str) -> None:
             f"{field}.path {str(folder)!r} needs its own code (config.json has auto_map); "
             f"set {field}.trust_remote_code: true only if you trust that code"
         )
-    tokenizer = load_tokenizer(folder, trust_remote_code=model.trust_remote_code)
+    tokenizer = model_tokenizer(model)
     if not tokenizer.is_fast:
         raise ModelFolderError(
             f"{field}.path {str(folder)!r}: its tokenizer ({type(tokenizer).__name__}) is a slow "

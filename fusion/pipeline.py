@@ -18,13 +18,14 @@ from dataclasses import dataclass
 
 from fusion import __version__
 from fusion.align import VocabBridge, detect_marker, exact_vocab_map, mined_vocab_map
+from fusion.align.cache import cached_map
 from fusion.config import FusionConfig
 from fusion.corpus import CorpusError, Shard, plan_shards
 from fusion.diagnostics import add_counts, diagnostics
 from fusion.errors import FusionError, user_error_from
 from fusion.models import (
     check_models,
-    load_tokenizer,
+    model_tokenizer,
     special_tokens,
     vocab_fingerprint,
     vocab_list,
@@ -75,7 +76,7 @@ def fingerprint(config: FusionConfig) -> str:
             for s in config.sources
         ],
         "data": config.data.model_dump(),
-        "align": config.align.model_dump(),
+        "align": config.align.model_dump(exclude={"map_cache"}),
         "fuse": config.fuse.model_dump(),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -88,16 +89,21 @@ def candidates(config: FusionConfig) -> list[str]:
 
 def build_bridges(config: FusionConfig) -> dict[str, VocabBridge]:
     """One vocabulary bridge per source, computed once in the driver and shipped to actors."""
-    target = load_tokenizer(config.target.path, trust_remote_code=config.target.trust_remote_code)
+    target = model_tokenizer(config.target)
     target_vocab, target_marker = vocab_list(target), detect_marker(target)
     target_specials = special_tokens(target)
     bridges = {}
     for source in config.sources:
-        tokenizer = load_tokenizer(source.path, trust_remote_code=source.trust_remote_code)
+        tokenizer = model_tokenizer(source)
         source_vocab, source_marker = vocab_list(tokenizer), detect_marker(tokenizer)
         build_map = mined_vocab_map if config.align.vocab_map == "mined" else exact_vocab_map
-        mapping = build_map(
-            source_vocab, target_vocab, source_marker=source_marker, target_marker=target_marker
+        mapping = cached_map(
+            config.align.map_cache,
+            build_map,
+            source_vocab,
+            target_vocab,
+            source_marker=source_marker,
+            target_marker=target_marker,
         )
         bridge = VocabBridge.build(
             source_vocab,
@@ -332,7 +338,7 @@ def finish(
         "rows": rows,
         "tokens": tokens,
         "top_k": config.align.top_k,
-        "target_vocab": vocab_fingerprint(load_tokenizer(config.target.path)),
+        "target_vocab": vocab_fingerprint(model_tokenizer(config.target)),
         "candidates": candidates(config),
         "bytes_per_token": per_token,
         "diagnostics": diagnostics(counts),

@@ -21,7 +21,7 @@ from fusion.chunking import encode
 from fusion.config import FuseConfig, FusionConfig
 from fusion.corpus import Shard
 from fusion.errors import FusionError
-from fusion.models import load_tokenizer
+from fusion.models import model_tokenizer
 from fusion.output import OutputDir, complete_manifest
 from fusion.pipeline import PrepareSummary, candidates, fingerprint, finish, summary_of
 from fusion.rows import FUSED, schema, table_to_batch
@@ -76,7 +76,7 @@ def refuse(
     if done is not None and done.get("fingerprint") == fingerprint(config):
         return summary_of(done, out.path, started)  # fused this way already
     out.claim(fingerprint(config), resolved, overwrite=overwrite)
-    tokenizer = load_tokenizer(config.target.path)
+    tokenizer = model_tokenizer(config.target)
     table_schema = schema([*names, FUSED], config.align.top_k)
     shards = [
         Shard(index, str(source / entry["file"]), "parquet")

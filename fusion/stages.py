@@ -19,7 +19,7 @@ from fusion.config import AlignConfig, DataConfig, FuseConfig, ModelConfig
 from fusion.corpus import Shard, read_documents
 from fusion.diagnostics import teacher_counts
 from fusion.fuse import fuse_topk, topk_token_ce
-from fusion.models import load_tokenizer
+from fusion.models import model_tokenizer
 from fusion.output import OutputDir
 from fusion.rows import FUSED, TARGET, candidate_aligned, next_tokens, to_table
 
@@ -43,7 +43,7 @@ class ChunkStage:
     """Reads shards and cuts their documents into chunks; skips chunks already written."""
 
     def __init__(self, target: ModelConfig, data: DataConfig, done_ids: dict[int, set[str]]):
-        self.tokenizer = load_tokenizer(target.path, trust_remote_code=target.trust_remote_code)
+        self.tokenizer = model_tokenizer(target)
         self.data = data
         self.done_ids = done_ids
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from fusion.batches import own_column, teacher_columns
 from fusion.config import FusionConfig, TrainConfig
 from fusion.errors import FusionError, user_error_from
-from fusion.models import load_tokenizer, vocab_fingerprint
+from fusion.models import model_tokenizer, vocab_fingerprint
 from fusion.output import complete_manifest
 from fusion.pipeline import ClusterError, ensure_ray
 from fusion.train_loop import total_steps, train_loop_per_worker
@@ -60,7 +60,7 @@ def check_dataset(run: FusionConfig) -> dict:
         DatasetMismatchError,
         "run `fusion prepare` first, or point train.data at its output",
     )
-    target = load_tokenizer(run.target.path, trust_remote_code=run.target.trust_remote_code)
+    target = model_tokenizer(run.target)
     if manifest.get("target_vocab") != vocab_fingerprint(target):
         raise DatasetMismatchError(
             f"{folder} was prepared for another target tokenizer (vocabulary "

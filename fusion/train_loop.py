@@ -187,9 +187,9 @@ class HeldOut:
 
     def __init__(self, run: FusionConfig):
         from fusion.evaluate import read_texts
-        from fusion.models import load_tokenizer
+        from fusion.models import model_tokenizer
 
-        self.tokenizer = load_tokenizer(run.target.path)
+        self.tokenizer = model_tokenizer(run.target)
         self.texts = {domain: read_texts(path) for domain, path in run.train.eval_data.items()}
         self.max_length = run.train.eval_max_length
         self.gathers = run.train.strategy == "deepspeed" and run.train.zero_stage == 3

@@ -62,3 +62,42 @@ def test_exact_map_keeps_only_identical_spellings(golden):
 def test_bad_vocabularies_raise_value_error(target, message):
     with pytest.raises(ValueError, match=message):
         mined_vocab_map(["a"], target)
+
+
+def test_vocabulary_maps_are_kept_on_disk_by_both_vocabularies(golden, tmp_path):
+    from fusion.align.cache import cached_map
+
+    vocab = golden["vocab"]
+    calls = []
+
+    def mined_vocab_map_counted(source, target, **markers):
+        calls.append(len(target))
+        return mined_vocab_map(source, target, **markers)
+
+    def get(target_vocab):
+        return cached_map(
+            tmp_path,
+            mined_vocab_map_counted,
+            vocab["source_vocab"],
+            target_vocab,
+            source_marker="Ġ",
+            target_marker="▁",
+        )
+
+    assert get(vocab["target_vocab"]) == vocab["mined_map"]
+    assert get(vocab["target_vocab"]) == vocab["mined_map"] and len(calls) == 1  # reused
+    first = set(tmp_path.iterdir())
+    other = [*vocab["target_vocab"][:-1], "▁The"]  # one token differs: another map
+    assert get(other) != vocab["mined_map"] and len(calls) == 2
+    (entry,) = set(tmp_path.iterdir()) - first
+    entry.write_text("{broken")
+    assert get(other)["▁World"] == "▁world" and len(calls) == 3  # damaged entry: rebuilt
+    no_cache = cached_map(
+        None,
+        mined_vocab_map_counted,
+        vocab["source_vocab"],
+        vocab["target_vocab"],
+        source_marker="Ġ",
+        target_marker="▁",
+    )
+    assert no_cache == vocab["mined_map"] and len(calls) == 4

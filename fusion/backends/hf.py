@@ -11,7 +11,12 @@ from fusion.chunking import encode
 from fusion.config import ModelConfig
 from fusion.errors import FusionError
 from fusion.head import ChunkedHead
-from fusion.models import load_causal_lm, load_tokenizer, resolve_device, vocab_list
+from fusion.models import (
+    load_causal_lm,
+    model_tokenizer,
+    resolve_device,
+    vocab_list,
+)
 
 
 class ModelOutputError(FusionError):
@@ -39,7 +44,7 @@ class HFTopK:
     def __init__(self, model: ModelConfig, field: str, *, num_gpus: float, top_k: int):
         self.field = field
         self.top_k = top_k
-        self.tokenizer = load_tokenizer(model.path, trust_remote_code=model.trust_remote_code)
+        self.tokenizer = model_tokenizer(model)
         self.vocab = vocab_list(self.tokenizer)
         self.device = resolve_device(model, num_gpus)
         self.model = load_causal_lm(model, field, self.device)

