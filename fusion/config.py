@@ -68,6 +68,11 @@ class SourceConfig(ModelConfig):
     """GPUs reserved per actor (fractions allowed)."""
     batch_size: Annotated[int, Field(ge=1)] = 8
     """Chunks per forward pass."""
+    bos: Literal["auto", "always", "never"] = "auto"
+    """Read each chunk after the tokenizer's BOS token: 'auto' when the tokenizer adds one by
+    default (a model trained with BOS reads much worse without it), 'always', or 'never'.
+    The BOS position predicts nothing of the chunk and is dropped. Reference mode reads
+    without BOS, as the reference does."""
     max_length: Annotated[int, Field(ge=2)] | None = None
     """Longest token sequence this model reads (default: its max_position_embeddings);
     target positions beyond what it read get the one-hot fallback."""

@@ -198,6 +198,19 @@ def special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     return roles
 
 
+def bos_to_prepend(tokenizer: PreTrainedTokenizerBase, setting: str, field: str) -> int | None:
+    """The BOS id a model's chunks are read after (``bos`` setting of a source), or None."""
+    if setting == "never":
+        return None
+    bos = tokenizer.bos_token_id
+    if setting == "always":
+        if bos is None:
+            raise ModelFolderError(f"{field}.bos is 'always' but its tokenizer has no BOS token")
+        return int(bos)
+    adds = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if bos is not None and adds[:1] == [bos] else None
+
+
 def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of the token strings in id order: equal exactly when the ids mean the same."""
     return hashlib.sha256("\n".join(vocab_list(tokenizer)).encode()).hexdigest()[:16]

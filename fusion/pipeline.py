@@ -200,6 +200,7 @@ def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, s
                 "num_cpus": model.num_cpus,
                 "num_gpus": model.num_gpus,
                 "top_k": config.align.top_k,
+                "mode": config.align.mode,
             },
             batch_size=model.batch_size,
             compute=pool(size=actors),

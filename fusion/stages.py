@@ -88,7 +88,14 @@ class ForwardStage:
     """
 
     def __init__(
-        self, name: str, model: ModelConfig, *, num_cpus: float, num_gpus: float, top_k: int
+        self,
+        name: str,
+        model: ModelConfig,
+        *,
+        num_cpus: float,
+        num_gpus: float,
+        top_k: int,
+        mode: str = "clean",
     ):
         set_threads(num_cpus, model.cpu_threads)
         self.name = name
@@ -96,7 +103,8 @@ class ForwardStage:
         backend = HFTopK
         if getattr(model, "backend", "hf") == "vllm":
             from fusion.backends.vllm import VLLMTopK as backend
-        self.reader = backend(model, self.field, num_gpus=num_gpus, top_k=top_k)
+        read_bos = mode == "clean" and name != TARGET  # the reference reads without BOS
+        self.reader = backend(model, self.field, num_gpus=num_gpus, top_k=top_k, read_bos=read_bos)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         row_ids = list(batch["id"])

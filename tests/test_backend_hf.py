@@ -55,3 +55,82 @@ def test_a_source_reads_at_most_its_max_length(model_dirs):
     reader = HFTopK(source, "sources.0", num_gpus=0, top_k=3)
     ids, offsets = reader.encode("a longer text than four tokens, surely", has_eos=True)
     assert len(ids) == len(offsets) == 4  # truncated: no EOS either
+
+
+@pytest.fixture(scope="module")
+def bos_trained_dir(tmp_path_factory, metaspace_tokenizer, training_texts):
+    """A tiny Llama trained only on BOS-started text, with a tokenizer that adds BOS."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = copy.deepcopy(metaspace_tokenizer)
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    model = tiny_causal_lm("llama", len(tokenizer), seed=5)
+    pieces = [
+        ids[i : i + 31]
+        for text in training_texts[:60]
+        for ids in [tokenizer(text, add_special_tokens=False)["input_ids"]]
+        for i in range(0, len(ids) - 31, 31)
+    ]
+    batch = torch.tensor([[bos, *p] for p in pieces[:512]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(300):
+        rows = batch[torch.randint(0, len(batch), (16,))]
+        loss = model(rows, labels=rows).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return save_model_dir(tmp_path_factory.mktemp("bos") / "model", model.eval(), tokenizer), bos
+
+
+def _text_ce(model, ids: list[int], prefix: list[int]) -> float:
+    """Mean CE of the text's own next-token predictions (token 1 on), after ``prefix``."""
+    full = torch.tensor([[*prefix, *ids]])
+    with torch.no_grad():
+        log_probs = model(full).logits[0].log_softmax(-1)
+    start = len(prefix)
+    targets = full[0, start + 1 :]
+    picked = log_probs[start : len(full[0]) - 1].gather(-1, targets[:, None])
+    return float(-picked.mean())
+
+
+def test_a_source_trained_with_bos_is_read_after_it_and_stores_the_lower_ce(
+    bos_trained_dir, training_texts
+):
+    from transformers import AutoModelForCausalLM
+
+    from fusion.config import SourceConfig
+    from fusion.stages import ForwardStage, object_array
+
+    folder, bos = bos_trained_dir
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    texts = [text[:80] for text in training_texts[70:80]]
+    reader = HFTopK(ModelConfig(path=str(folder)), "s", num_gpus=0, top_k=3)
+    encoded = [reader.encode(text, has_eos=False) for text in texts]
+    with_bos = [_text_ce(model, ids.tolist(), [bos]) for ids, _ in encoded]
+    without_bos = [_text_ce(model, ids.tolist(), []) for ids, _ in encoded]
+    assert np.mean(with_bos) < np.mean(without_bos) - 0.05  # it learned to expect its BOS
+    batch = {
+        "id": np.asarray([f"d{i}:0" for i in range(len(texts))], dtype=object),
+        "text": np.asarray(texts, dtype=object),
+        "input_ids": object_array([np.zeros(len(offsets), np.int32) for _, offsets in encoded]),
+        "offsets": object_array([offsets for _, offsets in encoded]),
+    }
+    stored = {}
+    for mode in ("clean", "reference"):
+        source = SourceConfig(name="s", path=str(folder))
+        stage = ForwardStage("s", source, num_cpus=1, num_gpus=0, top_k=3, mode=mode)
+        out = stage(dict(batch))
+        stored[mode] = out["s.ce"].tolist()
+        for row, (ids, _) in enumerate(encoded):  # the BOS position is dropped
+            assert out["s.raw_topk_ids"][row].shape == (len(ids), 3)
+    assert stored["clean"] == pytest.approx(with_bos, abs=1e-4)
+    assert stored["reference"] == pytest.approx(without_bos, abs=1e-4)
+    never = SourceConfig(name="s", path=str(folder), bos="never")
+    stage = ForwardStage("s", never, num_cpus=1, num_gpus=0, top_k=3, mode="clean")
+    assert stage.reader.bos is None

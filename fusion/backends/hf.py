@@ -12,6 +12,7 @@ from fusion.config import ModelConfig
 from fusion.errors import FusionError
 from fusion.head import ChunkedHead
 from fusion.models import (
+    bos_to_prepend,
     load_causal_lm,
     model_tokenizer,
     resolve_device,
@@ -41,10 +42,21 @@ class HFTopK:
     holes in the vocabulary) are never emitted: their logits are masked before the top-k.
     """
 
-    def __init__(self, model: ModelConfig, field: str, *, num_gpus: float, top_k: int):
+    def __init__(
+        self,
+        model: ModelConfig,
+        field: str,
+        *,
+        num_gpus: float,
+        top_k: int,
+        read_bos: bool = False,
+    ):
         self.field = field
         self.top_k = top_k
         self.tokenizer = model_tokenizer(model)
+        # A source read in clean mode after its BOS, per its ``bos`` setting.
+        setting = getattr(model, "bos", "never") if read_bos else "never"
+        self.bos = bos_to_prepend(self.tokenizer, setting, field)
         self.vocab = vocab_list(self.tokenizer)
         self.device = resolve_device(model, num_gpus)
         self.model = load_causal_lm(model, field, self.device)
@@ -69,8 +81,9 @@ class HFTopK:
     def encode(self, text: str, has_eos: bool) -> tuple[np.ndarray, np.ndarray]:
         """This model's token ids (EOS appended when asked) and character offsets."""
         ids, offsets = encode(self.tokenizer, text, has_eos)
-        if self.max_length and len(ids) > self.max_length:
-            ids, offsets = ids[: self.max_length], offsets[: self.max_length]
+        room = self.max_length - (self.bos is not None) if self.max_length else None
+        if room and len(ids) > room:
+            ids, offsets = ids[:room], offsets[:room]
         return ids, offsets
 
     @torch.inference_mode()
@@ -78,10 +91,13 @@ class HFTopK:
         """Top-k and CE for each id sequence, from one right-padded forward pass whose output
         head runs a few positions at a time (:class:`~fusion.head.ChunkedHead`): the batch's
         ``[B, L, V]`` logits never exist at once. The NaN check reads the top-1 values."""
-        lengths = torch.tensor([len(s) for s in sequences])
+        first = int(self.bos is not None)  # a BOS read first is dropped from every output
+        lengths = torch.tensor([len(s) + first for s in sequences])
         batch = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long)
         for row, sequence in enumerate(sequences):
-            batch[row, : len(sequence)] = torch.from_numpy(sequence.astype(np.int64))
+            if first:
+                batch[row, 0] = self.bos
+            batch[row, first : lengths[row]] = torch.from_numpy(sequence.astype(np.int64))
         positions = torch.arange(batch.shape[1])
         real = positions[None, :] < lengths[:, None]
         batch, real = batch.to(self.device), real.to(self.device)
@@ -98,12 +114,15 @@ class HFTopK:
         nll = (reading.lse[:, :-1] - reading.label_logit[:, :-1]).cpu()
         values, indices = values.cpu().numpy(), indices.int().cpu().numpy()
         # A one-token reading predicts nothing: no evidence, so it never wins MinCE.
-        return [
-            TopK(
-                indices[row, :length],
-                values[row, :length],
-                float(nll[row, : length - 1].mean()) if length > 1 else float("inf"),
-                float(nll[row, : length - 1].sum()) if length > 1 else float("inf"),
+        readings = []
+        for row, length in enumerate(lengths.tolist()):
+            text_nll = nll[row, first : length - 1]  # predictions of the chunk's own tokens
+            readings.append(
+                TopK(
+                    indices[row, first:length],
+                    values[row, first:length],
+                    float(text_nll.mean()) if len(text_nll) else float("inf"),
+                    float(text_nll.sum()) if len(text_nll) else float("inf"),
+                )
             )
-            for row, length in enumerate(lengths.tolist())
-        ]
+        return readings

