@@ -134,3 +134,19 @@ def test_a_source_trained_with_bos_is_read_after_it_and_stores_the_lower_ce(
     never = SourceConfig(name="s", path=str(folder), bos="never")
     stage = ForwardStage("s", never, num_cpus=1, num_gpus=0, top_k=3, mode="clean")
     assert stage.reader.bos is None
+
+
+def test_a_row_reads_the_same_alone_or_padded_into_any_batch(model_dirs):
+    reader = HFTopK(ModelConfig(path=str(model_dirs["target"])), "t", num_gpus=0, top_k=5)
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, 600, size=int(n)).astype(np.int32) for n in [3, 95, 2, 40, 7, 14]]
+    alone = [reader.read([row], ["a"])[0] for row in rows]
+    for size in (2, 3, 6):
+        for start in range(0, len(rows), size):
+            together = reader.read(
+                rows[start : start + size], ["a"] * len(rows[start : start + size])
+            )
+            for got, want in zip(together, alone[start : start + size], strict=True):
+                assert got.ce == want.ce and got.nll == want.nll
+                assert np.array_equal(got.logits, want.logits)
+                assert np.array_equal(got.ids, want.ids)

@@ -19,6 +19,8 @@ from fusion.models import (
     vocab_list,
 )
 
+MIN_WIDTH = 64  # positions every batch is padded to at least (see HFTopK.read)
+
 
 class ModelOutputError(FusionError):
     """A model whose output cannot be used: NaN or infinite logits, or too few of them."""
@@ -93,7 +95,10 @@ class HFTopK:
         ``[B, L, V]`` logits never exist at once. The NaN check reads the top-1 values."""
         first = int(self.bos is not None)  # a BOS read first is dropped from every output
         lengths = torch.tensor([len(s) + first for s in sequences])
-        batch = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long)
+        # CPU kernels sum a short padded width in another order than a long one; from
+        # MIN_WIDTH on, a row's logits no longer depend on the batch it was padded into.
+        width = max(int(lengths.max()), min(MIN_WIDTH, self.max_length or MIN_WIDTH))
+        batch = torch.zeros(len(sequences), width, dtype=torch.long)
         for row, sequence in enumerate(sequences):
             if first:
                 batch[row, 0] = self.bos
