@@ -37,6 +37,17 @@ def encode(tokenizer, text: str, ends_document: bool) -> tuple[np.ndarray, np.nd
     return np.asarray(ids, dtype=np.int32), offsets
 
 
+def encode_for_reading(
+    tokenizer, text: str, has_eos: bool, max_length: int | None, bos: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A model's ids and offsets of a chunk, cut to what it reads (its BOS read first)."""
+    ids, offsets = encode(tokenizer, text, has_eos)
+    room = max_length - (bos is not None) if max_length else None
+    if room and len(ids) > room:
+        ids, offsets = ids[:room], offsets[:room]
+    return ids, offsets
+
+
 def chunk_document(document: Document, tokenizer, max_length: int) -> list[Chunk]:
     """Chunks of one document in order; documents with fewer than two tokens give none."""
     _, offsets = encode(tokenizer, document.text, ends_document=False)

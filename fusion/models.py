@@ -199,7 +199,7 @@ def special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
 
 
 def bos_to_prepend(tokenizer: PreTrainedTokenizerBase, setting: str, field: str) -> int | None:
-    """The BOS id a model's chunks are read after (``bos`` setting of a source), or None."""
+    """The BOS id a model's chunks are read after under a ``bos`` setting, or None."""
     if setting == "never":
         return None
     bos = tokenizer.bos_token_id
@@ -209,6 +209,14 @@ def bos_to_prepend(tokenizer: PreTrainedTokenizerBase, setting: str, field: str)
         return int(bos)
     adds = tokenizer("a", add_special_tokens=True)["input_ids"]
     return int(bos) if bos is not None and adds[:1] == [bos] else None
+
+
+def reading_bos(
+    tokenizer: PreTrainedTokenizerBase, model: ModelConfig, field: str, read_bos: bool
+) -> int | None:
+    """The BOS a backend reads first: a source's ``bos`` setting when ``read_bos``, else none."""
+    setting = getattr(model, "bos", "never") if read_bos else "never"
+    return bos_to_prepend(tokenizer, setting, field)
 
 
 def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

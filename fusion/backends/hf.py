@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fusion.chunking import encode
+from fusion.chunking import encode_for_reading
 from fusion.config import ModelConfig
 from fusion.errors import FusionError
 from fusion.head import ChunkedHead
 from fusion.models import (
-    bos_to_prepend,
     load_causal_lm,
     model_tokenizer,
+    reading_bos,
     resolve_device,
     vocab_list,
 )
@@ -56,9 +56,7 @@ class HFTopK:
         self.field = field
         self.top_k = top_k
         self.tokenizer = model_tokenizer(model)
-        # A source read in clean mode after its BOS, per its ``bos`` setting.
-        setting = getattr(model, "bos", "never") if read_bos else "never"
-        self.bos = bos_to_prepend(self.tokenizer, setting, field)
+        self.bos = reading_bos(self.tokenizer, model, field, read_bos)
         self.vocab = vocab_list(self.tokenizer)
         self.device = resolve_device(model, num_gpus)
         self.model = load_causal_lm(model, field, self.device)
@@ -82,11 +80,7 @@ class HFTopK:
 
     def encode(self, text: str, has_eos: bool) -> tuple[np.ndarray, np.ndarray]:
         """This model's token ids (EOS appended when asked) and character offsets."""
-        ids, offsets = encode(self.tokenizer, text, has_eos)
-        room = self.max_length - (self.bos is not None) if self.max_length else None
-        if room and len(ids) > room:
-            ids, offsets = ids[:room], offsets[:room]
-        return ids, offsets
+        return encode_for_reading(self.tokenizer, text, has_eos, self.max_length, self.bos)
 
     @torch.inference_mode()
     def read(self, sequences: list[np.ndarray], row_ids: list[str]) -> list[TopK]:

