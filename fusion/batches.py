@@ -3,7 +3,8 @@
 Rows arrive as Arrow tables (one chunk per row, real tokens only) and leave as tensors:
 ``input_ids``/``attention_mask`` ``[B, L]`` right-padded, ``topk_ids``/``topk_logits``
 ``[B, L, k]`` (absent entries: id -1, logit -inf) and ``teacher_mask`` ``[B, L]``. The teacher at
-position t stands for the student's prediction at position t (no shift, reference §7).
+position t stands for the student's prediction at position t (no shift, reference §7); a
+target trained with BOS gets it in front, and every position moves one to the right.
 """
 
 from __future__ import annotations
@@ -53,24 +54,32 @@ def fallback_positions(table: pa.Table, teacher: str) -> np.ndarray:
 
 
 def collate(
-    table: pa.Table, teacher: str, *, mask_fallback: bool = False
+    table: pa.Table, teacher: str, *, mask_fallback: bool = False, bos: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Pad a table of teacher rows into the tensors the objective takes."""
+    """Pad a table of teacher rows into the tensors the objective takes.
+
+    With ``bos`` (a target that reads its text after BOS) every row starts with it: the BOS
+    position is trained to predict the first token (CLM only; it has no teacher).
+    """
     lengths = pc.list_value_length(table["input_ids"]).to_numpy()
-    batch, longest = len(lengths), int(lengths.max())
+    first = int(bos is not None)
+    batch, longest = len(lengths), int(lengths.max()) + first
     k = table.schema.field(f"{teacher}.topk_ids").type.value_type.list_size
     rows = np.repeat(np.arange(batch), lengths)
-    cols = np.concatenate([np.arange(n) for n in lengths])
+    cols = np.concatenate([np.arange(n) for n in lengths]) + first
     input_ids = np.zeros((batch, longest), dtype=np.int64)
     input_ids[rows, cols] = _flat(table["input_ids"])
     attention = np.zeros((batch, longest), dtype=np.int64)
     attention[rows, cols] = 1
+    if bos is not None:
+        input_ids[:, 0], attention[:, 0] = bos, 1
     topk_ids = np.full((batch, longest, k), PAD_ID, dtype=np.int64)
     topk_ids[rows, cols] = _flat(table[f"{teacher}.topk_ids"]).reshape(-1, k)
     topk_logits = np.full((batch, longest, k), -np.inf, dtype=np.float32)
     logits = _flat(table[f"{teacher}.topk_logits"]).astype(np.float32).reshape(-1, k)
     topk_logits[rows, cols] = logits
     teacher_mask = attention.astype(np.float32)
+    teacher_mask[:, :first] = 0.0
     if mask_fallback:
         fallback = fallback_positions(table, teacher)
         teacher_mask[rows[fallback], cols[fallback]] = 0.0

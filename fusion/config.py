@@ -48,6 +48,12 @@ class ModelConfig(_Strict):
     cpu_threads: Annotated[int, Field(ge=1)] | None = None
     """Torch threads of this model's actors on CPUs (default: the whole CPUs reserved, at
     least one); more threads than reserved CPUs let a fractional actor use idle cores."""
+    bos: Literal["auto", "always", "never"] = "auto"
+    """Read each chunk after the tokenizer's BOS token: 'auto' when the tokenizer adds one by
+    default (a model trained with BOS reads much worse without it), 'always', or 'never'.
+    The BOS position predicts nothing of the chunk and is dropped from the teacher data; a
+    target read with BOS is trained on rows that start with it. Reference mode reads without
+    BOS, as the reference does."""
     logits_budget_mb: Annotated[int, Field(ge=1)] = 256
     """Memory for the float32 logits of one chunk of positions: the output head runs over as
     many positions at a time as fit, so a batch's [B, L, V] logits never exist at once."""
@@ -68,11 +74,6 @@ class SourceConfig(ModelConfig):
     """GPUs reserved per actor (fractions allowed)."""
     batch_size: Annotated[int, Field(ge=1)] = 8
     """Chunks per forward pass."""
-    bos: Literal["auto", "always", "never"] = "auto"
-    """Read each chunk after the tokenizer's BOS token: 'auto' when the tokenizer adds one by
-    default (a model trained with BOS reads much worse without it), 'always', or 'never'.
-    The BOS position predicts nothing of the chunk and is dropped. Reference mode reads
-    without BOS, as the reference does."""
     max_length: Annotated[int, Field(ge=2)] | None = None
     """Longest token sequence this model reads (default: its max_position_embeddings);
     target positions beyond what it read get the one-hot fallback."""

@@ -214,9 +214,16 @@ def bos_to_prepend(tokenizer: PreTrainedTokenizerBase, setting: str, field: str)
 def reading_bos(
     tokenizer: PreTrainedTokenizerBase, model: ModelConfig, field: str, read_bos: bool
 ) -> int | None:
-    """The BOS a backend reads first: a source's ``bos`` setting when ``read_bos``, else none."""
-    setting = getattr(model, "bos", "never") if read_bos else "never"
-    return bos_to_prepend(tokenizer, setting, field)
+    """The BOS a backend reads first: the model's ``bos`` setting when ``read_bos``, else none."""
+    return bos_to_prepend(tokenizer, model.bos if read_bos else "never", field)
+
+
+def training_bos(config: FusionConfig) -> int | None:
+    """The BOS the target reads its chunks after, so its training rows start with it too
+    (clean mode only: the reference reads without BOS)."""
+    if config.align.mode != "clean":
+        return None
+    return bos_to_prepend(model_tokenizer(config.target), config.target.bos, "target")
 
 
 def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -27,6 +27,7 @@ from fusion.models import (
     check_models,
     model_tokenizer,
     special_tokens,
+    training_bos,
     vocab_fingerprint,
     vocab_list,
 )
@@ -69,10 +70,12 @@ def fingerprint(config: FusionConfig) -> str:
     relevant = {
         "format": DATA_FORMAT,
         "target": config.target.model_dump(
-            include={"path", "dtype", "attention", "as_teacher", "gguf_file"}
+            include={"path", "dtype", "attention", "as_teacher", "gguf_file", "bos"}
         ),
         "sources": [
-            s.model_dump(include={"name", "path", "dtype", "attention", "backend", "gguf_file"})
+            s.model_dump(
+                include={"name", "path", "dtype", "attention", "backend", "gguf_file", "bos"}
+            )
             for s in config.sources
         ],
         "data": config.data.model_dump(),
@@ -184,7 +187,12 @@ def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, s
     ]
     dataset = ray.data.from_items(descriptors, override_num_blocks=len(shards)).map_batches(
         ChunkStage,
-        fn_constructor_kwargs={"target": config.target, "data": config.data, "done_ids": done},
+        fn_constructor_kwargs={
+            "target": config.target,
+            "data": config.data,
+            "done_ids": done,
+            "bos": training_bos(config),
+        },
         batch_size=1,
         compute=pool(size=1),
         num_cpus=SMALL_CPU,
@@ -340,6 +348,7 @@ def finish(
         "tokens": tokens,
         "top_k": config.align.top_k,
         "target_vocab": vocab_fingerprint(model_tokenizer(config.target)),
+        "target_bos": training_bos(config),
         "candidates": candidates(config),
         "bytes_per_token": per_token,
         "diagnostics": diagnostics(counts),

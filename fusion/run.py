@@ -18,7 +18,7 @@ import pyarrow as pa
 from fusion.batches import teacher_columns
 from fusion.config import ConfigError, FusionConfig
 from fusion.corpus import plan_shards
-from fusion.models import check_models
+from fusion.models import check_models, training_bos
 from fusion.pipeline import SMALL_CPU, candidates, check_cluster, ensure_ray, teacher_dataset
 from fusion.rows import FUSED, schema, to_table
 from fusion.train import TrainSummary, check_training_resources, fit, train_settings
@@ -59,4 +59,5 @@ def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
         num_cpus=SMALL_CPU,
     )
     info = {"path": f"streamed from {config.data.paths}", "rows": None, "tokens": None}
-    return fit(config, dataset, rows=None, dataset_info=info, quiet=quiet)
+    bos = training_bos(config)
+    return fit(config, dataset, rows=None, bos=bos, dataset_info=info, quiet=quiet)

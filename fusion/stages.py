@@ -42,10 +42,17 @@ def set_threads(num_cpus: float, threads: int | None = None) -> None:
 class ChunkStage:
     """Reads shards and cuts their documents into chunks; skips chunks already written."""
 
-    def __init__(self, target: ModelConfig, data: DataConfig, done_ids: dict[int, set[str]]):
+    def __init__(
+        self,
+        target: ModelConfig,
+        data: DataConfig,
+        done_ids: dict[int, set[str]],
+        bos: int | None = None,
+    ):
         self.tokenizer = model_tokenizer(target)
         self.data = data
         self.done_ids = done_ids
+        self.length = data.max_length - (bos is not None)  # training rows start with the BOS
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: dict[str, list] = {k: [] for k in ("id", "domain", "text", "input_ids", "offsets")}
@@ -57,7 +64,7 @@ class ChunkStage:
             chunks = [
                 chunk
                 for document in read_documents(shard, self.data)
-                for chunk in chunk_document(document, self.tokenizer, self.data.max_length)
+                for chunk in chunk_document(document, self.tokenizer, self.length)
             ]
             done = self.done_ids.get(shard.index, set())
             for chunk in chunks:
@@ -103,7 +110,7 @@ class ForwardStage:
         backend = HFTopK
         if getattr(model, "backend", "hf") == "vllm":
             from fusion.backends.vllm import VLLMTopK as backend
-        read_bos = mode == "clean" and name != TARGET  # the reference reads without BOS
+        read_bos = mode == "clean"  # the reference reads without BOS
         self.reader = backend(model, self.field, num_gpus=num_gpus, top_k=top_k, read_bos=read_bos)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -129,13 +129,21 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
         [str(folder / f["file"]) for f in manifest["files"]], num_cpus=_READ_CPU
     ).select_columns(teacher_columns(train.teacher))
     info = {"path": str(folder), "rows": manifest["rows"], "tokens": manifest["tokens"]}
-    return fit(run, dataset, rows=manifest["rows"], dataset_info=info, quiet=quiet)
+    bos = manifest.get("target_bos")  # absent from data sets read without a target BOS
+    return fit(run, dataset, rows=manifest["rows"], bos=bos, dataset_info=info, quiet=quiet)
 
 
 def fit(
-    run: FusionConfig, dataset, *, rows: int | None, dataset_info: dict, quiet: bool
+    run: FusionConfig,
+    dataset,
+    *,
+    rows: int | None,
+    bos: int | None,
+    dataset_info: dict,
+    quiet: bool,
 ) -> TrainSummary:
-    """Run the TorchTrainer over ``dataset``; ``rows=None`` means a streamed, split dataset.
+    """Run the TorchTrainer over ``dataset``; ``rows=None`` means a streamed, split dataset;
+    ``bos`` starts every training row when the target reads its text after one.
 
     A materialised data set (``rows`` known) is read whole by every worker in file order,
     each keeping its own rows of each global micro-batch: a deterministic order is what makes
@@ -162,6 +170,7 @@ def fit(
         train_loop_config={
             "run": run.model_dump(mode="json"),
             "rows": rows,
+            "bos": bos,
             "storage": str(storage),
             "export_dir": str(export_dir),
             "quiet": quiet,

@@ -277,6 +277,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 stream.write(json.dumps(start) + "\n")
     shard = ray.train.get_dataset_shard("train")
     streamed = loop_config["rows"] is None
+    bos = loop_config["bos"]  # the target reads (and so trains on) its text after this BOS
     # Materialised: every worker reads every row and keeps its own of each global micro-batch.
     # Streamed: the workers' shards are already split, each micro-batch is all this worker's.
     rows_per_micro = train.micro_batch_size * (1 if streamed else world)
@@ -306,7 +307,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             mine = table if streamed else table.take(np.arange(rank, len(table), world))
             batch = {
                 k: v.to(engine.device)
-                for k, v in collate(mine, train.teacher, mask_fallback=train.mask_fallback).items()
+                for k, v in collate(
+                    mine, train.teacher, mask_fallback=train.mask_fallback, bos=bos
+                ).items()
             }
             parts, stepped = engine.micro_step(batch, train.lam, train.teacher_precision)
             window.add(parts)

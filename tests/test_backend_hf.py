@@ -99,12 +99,13 @@ def _text_ce(model, ids: list[int], prefix: list[int]) -> float:
     return float(-picked.mean())
 
 
-def test_a_source_trained_with_bos_is_read_after_it_and_stores_the_lower_ce(
+def test_a_model_trained_with_bos_is_read_after_it_and_stores_the_lower_ce(
     bos_trained_dir, training_texts
 ):
     from transformers import AutoModelForCausalLM
 
-    from fusion.config import SourceConfig
+    from fusion.config import SourceConfig, TargetConfig
+    from fusion.rows import TARGET
     from fusion.stages import ForwardStage, object_array
 
     folder, bos = bos_trained_dir
@@ -118,7 +119,7 @@ def test_a_source_trained_with_bos_is_read_after_it_and_stores_the_lower_ce(
     batch = {
         "id": np.asarray([f"d{i}:0" for i in range(len(texts))], dtype=object),
         "text": np.asarray(texts, dtype=object),
-        "input_ids": object_array([np.zeros(len(offsets), np.int32) for _, offsets in encoded]),
+        "input_ids": object_array([ids for ids, _ in encoded]),
         "offsets": object_array([offsets for _, offsets in encoded]),
     }
     stored = {}
@@ -129,6 +130,11 @@ def test_a_source_trained_with_bos_is_read_after_it_and_stores_the_lower_ce(
         stored[mode] = out["s.ce"].tolist()
         for row, (ids, _) in enumerate(encoded):  # the BOS position is dropped
             assert out["s.raw_topk_ids"][row].shape == (len(ids), 3)
+        target = TargetConfig(path=str(folder))
+        stage = ForwardStage(TARGET, target, num_cpus=1, num_gpus=0, top_k=3, mode=mode)
+        out = stage(dict(batch))  # the target reads its own ids the same way
+        assert out["target.ce"].tolist() == pytest.approx(stored[mode], abs=1e-5)
+        assert [len(ids) for ids in out["target.topk_ids"]] == [len(ids) for ids, _ in encoded]
     assert stored["clean"] == pytest.approx(with_bos, abs=1e-4)
     assert stored["reference"] == pytest.approx(without_bos, abs=1e-4)
     never = SourceConfig(name="s", path=str(folder), bos="never")
@@ -150,3 +156,21 @@ def test_a_row_reads_the_same_alone_or_padded_into_any_batch(model_dirs):
                 assert got.ce == want.ce and got.nll == want.nll
                 assert np.array_equal(got.logits, want.logits)
                 assert np.array_equal(got.ids, want.ids)
+
+
+def test_chunks_of_a_bos_target_leave_room_for_its_bos(bos_trained_dir, training_texts):
+    from fusion.config import DataConfig, TargetConfig
+    from fusion.corpus import plan_shards
+    from fusion.stages import ChunkStage
+
+    folder, bos = bos_trained_dir
+    corpus = folder.parent / "corpus.txt"
+    corpus.write_text(" ".join(training_texts[70:74]))
+    data = DataConfig(paths=[str(corpus)], max_length=16)
+    shard = plan_shards(data)[0]
+    descriptor = {"index": [0], "path": [shard.path], "format": [shard.format], "row_group": [-1]}
+    lengths = {}
+    for read_bos in (None, bos):
+        stage = ChunkStage(TargetConfig(path=str(folder)), data, {}, bos=read_bos)
+        lengths[read_bos] = [len(ids) for ids in stage(descriptor)["input_ids"]]
+    assert max(lengths[None]) == 16 and max(lengths[bos]) == 15  # BOS + 15 tokens = 16

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion.batches import collate
 from fusion.config import parse_config
@@ -164,3 +164,49 @@ def test_collate_pads_rows_and_masks_exactly_the_marked_fallback_positions(prepa
         assert batch["teacher_mask"].tolist() == expected
     # the source is unaligned somewhere, so the mask has something to leave out
     assert any(not a for row in table["src.aligned"].to_pylist() for a in row)
+
+
+def test_a_bos_target_trains_on_rows_that_start_with_bos_and_scores_as_eval_does(prepared_world):
+    """With the target's BOS in front, each row's teacher moves one position right, the BOS
+    position has no teacher, and the CLM loss over rows equals `fusion eval`'s per-token NLL of
+    the same texts (eval windows start with BOS too)."""
+    import pyarrow.parquet as pq
+
+    from fusion.evaluate import score
+    from fusion.loss import fusion_objective
+
+    root, _ = prepared_world
+    table = pq.read_table(root / "data" / "data")
+    tokenizer = AutoTokenizer.from_pretrained(root / "target")
+    bos = tokenizer.bos_token_id
+    eos = tokenizer.eos_token_id
+    keep = [i for i, ids in enumerate(table["input_ids"].to_pylist()) if ids[-1] != eos][:4]
+    table = table.take(keep)
+    rows = table["input_ids"].to_pylist()
+    batch = collate(table, "fused", bos=bos)
+    width = max(map(len, rows)) + 1
+    assert batch["input_ids"].tolist() == [[bos, *r] + [0] * (width - 1 - len(r)) for r in rows]
+    assert batch["attention_mask"].tolist() == [
+        [1] * (1 + len(r)) + [0] * (width - 1 - len(r)) for r in rows
+    ]
+    for row, ids in enumerate(table["fused.topk_ids"].to_pylist()):
+        assert batch["topk_ids"][row, 0].tolist() == [-1] * 10
+        assert batch["topk_ids"][row, 1 : 1 + len(ids)].tolist() == ids
+        assert batch["teacher_mask"][row].tolist() == [0.0] + [1.0] * len(ids) + [0.0] * (
+            width - 1 - len(ids)
+        )
+    model = AutoModelForCausalLM.from_pretrained(root / "target").eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        parts = fusion_objective(
+            logits,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["topk_ids"],
+            batch["topk_logits"],
+            batch["teacher_mask"],
+            lam=1.0,
+        )
+    evaluated = score([model], tokenizer, table["text"].to_pylist(), max_length=width)
+    assert evaluated.tokens == sum(map(len, rows))
+    assert float(parts.clm) == pytest.approx(evaluated.nll / evaluated.tokens, rel=1e-4)
