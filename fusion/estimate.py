@@ -2,8 +2,9 @@
 
 Tokens come from the corpus size and the target tokenizer's tokens per byte on a sample;
 disk from the row contract's bytes per token (an upper bound: Parquet compresses); memory from
-the parameter counts in the safetensors headers plus one batch of logits; time from forward
-FLOPs (2 × parameters per token) at an assumed device throughput — a rough guide only.
+the parameter counts in the safetensors or GGUF headers plus the logits of one chunk of
+positions (each model's own vocabulary); time from forward FLOPs (2 × parameters per token)
+at an assumed device throughput — a rough guide only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pyarrow.parquet as pq
 from fusion.chunking import encode
 from fusion.config import FusionConfig, ModelConfig
 from fusion.corpus import Shard, open_filesystem, plan_shards, read_documents
-from fusion.models import load_tokenizer
+from fusion.gguf_header import read_gguf_header
+from fusion.models import gguf_file_in, model_config_values, model_tokenizer
 
 ASSUMED_FLOPS = {"cpu_core": 2e10, "gpu": 1e14}  # effective forward FLOP/s
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -86,10 +88,15 @@ def _jsonl_text_fraction(filesystem: pafs.FileSystem, path: str, text_field: str
     return text / line_bytes if line_bytes else 1.0
 
 
-def parameter_count(model: ModelConfig) -> int:
-    """Parameters listed in the folder's safetensors headers (no weights are read)."""
+def parameter_count(model: ModelConfig, field: str = "model") -> int:
+    """Parameters listed in the safetensors headers, or in the GGUF file's tensor table
+    (no weights are read)."""
+    folder = Path(model.path)
+    gguf_file = gguf_file_in(folder, model.gguf_file, field)
+    if gguf_file is not None:
+        return read_gguf_header(folder / gguf_file).parameters
     total = 0
-    for file in sorted(Path(model.path).glob("*.safetensors")):
+    for file in sorted(folder.glob("*.safetensors")):
         with file.open("rb") as stream:
             (length,) = struct.unpack("<Q", stream.read(8))
             header = json.loads(stream.read(length))
@@ -102,13 +109,26 @@ def parameter_count(model: ModelConfig) -> int:
     return total
 
 
+def output_vocabulary(model: ModelConfig, field: str) -> int:
+    """Width of the model's logits: its config's vocab_size (embedding rows, padding
+    included), else its tokenizer's length."""
+    config = model_config_values(model, field)
+    size = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    return size if isinstance(size, int) else len(model_tokenizer(model, field))
+
+
+def logits_memory(model: ModelConfig, field: str, batch: int, length: int) -> int:
+    """Peak bytes of float32 logits while one batch is read: the output head runs over as
+    many positions as fit ``logits_budget_mb`` (twice: the logits and their softmax)."""
+    dense = batch * length * output_vocabulary(model, field) * 4
+    return 2 * min(dense, model.logits_budget_mb * 2**20)
+
+
 def estimate(config: FusionConfig) -> Estimate:
     """Predict tokens, disk, memory per actor and time for ``config``."""
     shards = plan_shards(config.data)
     corpus_bytes = sum(_size(s, config.data.text_field) for s in shards)
-    tokenizer = load_tokenizer(
-        config.target.path, trust_remote_code=config.target.trust_remote_code
-    )
+    tokenizer = model_tokenizer(config.target, "target")
     sample_bytes = sample_tokens = 0
     step = max(1, len(shards) // _SAMPLE_SHARDS)
     for shard in shards[::step][:_SAMPLE_SHARDS]:  # spread over the corpus: densities differ
@@ -123,7 +143,6 @@ def estimate(config: FusionConfig) -> Estimate:
     k = config.align.top_k
     distributions = len(config.sources) + int(config.target.as_teacher) + 1
     per_token = 4 + 1.2 * (corpus_bytes / max(tokens, 1)) + distributions * 6 * k
-    vocab = len(tokenizer)
     models = []
     entries: list[tuple[str, ModelConfig, float, float, int, int]] = [
         (s.name, s, s.num_cpus, s.num_gpus, s.actors, s.batch_size) for s in config.sources
@@ -132,8 +151,9 @@ def estimate(config: FusionConfig) -> Estimate:
         t = config.target
         entries.insert(0, ("target", t, t.num_cpus, t.num_gpus, 1, t.batch_size))
     for name, model, cpus, gpus, actors, batch in entries:
-        parameters = parameter_count(model)
-        logits = batch * config.data.max_length * max(vocab, 1) * 4 * 2
+        field = "target" if name == "target" else f"source {name!r}"
+        parameters = parameter_count(model, field)
+        logits = logits_memory(model, field, batch, config.data.max_length)
         rate = ASSUMED_FLOPS["gpu"] * gpus if gpus > 0 else ASSUMED_FLOPS["cpu_core"] * max(cpus, 1)
         models.append(
             ModelEstimate(

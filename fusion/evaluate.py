@@ -20,7 +20,7 @@ from fusion.config import DataConfig, ModelConfig
 from fusion.corpus import plan_shards, read_documents
 from fusion.errors import FusionError
 from fusion.head import ChunkedHead
-from fusion.models import load_causal_lm, load_tokenizer, vocab_fingerprint
+from fusion.models import load_causal_lm, model_tokenizer, vocab_fingerprint
 
 
 class EvalError(FusionError):
@@ -106,9 +106,10 @@ def score(
     return Score(nll=nll, tokens=tokens, bytes=size)
 
 
-def _load(path: str, device: str, dtype: str):
-    model = load_causal_lm(ModelConfig(path=path, dtype=dtype), path, device)
-    return model, load_tokenizer(path)
+def _load(name: str, path: str, device: str, dtype: str):
+    config = ModelConfig(path=path, dtype=dtype)
+    model = load_causal_lm(config, name, device, label=f"model {name}={path}")
+    return model, model_tokenizer(config, name)
 
 
 def evaluate(
@@ -135,7 +136,7 @@ def evaluate(
     for name, folders in members.items():
         if not folders:
             raise EvalError(f"{name}: names no model folder")
-        loaded = [_load(folder, device, dtype) for folder in folders]
+        loaded = [_load(name, folder, device, dtype) for folder in folders]
         tokenizer = loaded[0][1]
         vocabularies = {vocab_fingerprint(tok) for _, tok in loaded}
         if len(vocabularies) > 1:

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fusion.config import FusionConfig, ModelConfig
 from fusion.errors import FusionError
+from fusion.gguf_header import read_gguf_header, require_gguf_packages
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -42,74 +43,115 @@ def _folder(path: str | Path, what: str) -> Path:
     return folder
 
 
+def gguf_file_in(folder: Path, configured: str | None, field: str) -> str | None:
+    """The GGUF file a model folder is read from: the configured one, or the only ``*.gguf``
+    of a folder without config.json (its config, tokenizer and weights all come from it)."""
+    if configured is not None:
+        if not (folder / configured).is_file():
+            raise ModelFolderError(f"{field}.gguf_file {configured!r} is not in {str(folder)!r}")
+        return configured
+    if (folder / "config.json").is_file():
+        return None
+    found = sorted(path.name for path in folder.glob("*.gguf"))
+    if len(found) > 1:
+        raise ModelFolderError(
+            f"{field}.path {str(folder)!r} holds several GGUF files ({', '.join(found)}); set "
+            f"{field}.gguf_file to the one to load"
+        )
+    return found[0] if found else None
+
+
 def load_tokenizer(
-    path: str | Path, *, trust_remote_code: bool = False, gguf_file: str | None = None
+    path: str | Path,
+    *,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+    field: str = "tokenizer",
 ) -> PreTrainedTokenizerBase:
     """Load the tokenizer saved in a local folder (or inside its GGUF file); never reaches
     for a hub."""
-    folder = _folder(path, "tokenizer folder")
-    if gguf_file is None and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+    folder = _folder(path, f"{field} folder")
+    gguf_file = gguf_file_in(folder, gguf_file, field)
+    if gguf_file is not None:
+        require_gguf_packages(field)
+    elif not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelFolderError(
-            f"{str(folder)!r} holds no tokenizer: expected one of {', '.join(_TOKENIZER_FILES)}"
+            f"{str(folder)!r} holds no tokenizer: expected one of {', '.join(_TOKENIZER_FILES)} "
+            "or a .gguf file"
         )
     return AutoTokenizer.from_pretrained(
         folder, local_files_only=True, trust_remote_code=trust_remote_code, gguf_file=gguf_file
     )
 
 
-def model_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+def model_tokenizer(model: ModelConfig, field: str = "model") -> PreTrainedTokenizerBase:
     """The tokenizer of a configured model, with its remote-code and GGUF settings."""
     return load_tokenizer(
-        model.path, trust_remote_code=model.trust_remote_code, gguf_file=model.gguf_file
+        model.path,
+        trust_remote_code=model.trust_remote_code,
+        gguf_file=model.gguf_file,
+        field=field,
     )
 
 
-def check_model_folder(model: ModelConfig, field: str) -> None:
-    """Check, before any actor starts, that a configured model folder can be loaded safely."""
+def model_config_values(model: ModelConfig, field: str) -> dict:
+    """A model's config.json, or for a GGUF model what its header says of the same keys."""
     folder = _folder(model.path, f"{field}.path")
-    config_file = folder / "config.json"
-    if model.gguf_file is None and not config_file.is_file():
+    gguf_file = gguf_file_in(folder, model.gguf_file, field)
+    if gguf_file is None:
+        return _model_config(folder)
+    header = read_gguf_header(folder / gguf_file)
+    values = {"model_type": header.architecture, "vocab_size": header.vocab_size}
+    if header.context_length is not None:
+        values["max_position_embeddings"] = header.context_length
+    return values
+
+
+def check_model_folder(model: ModelConfig, field: str, *, label: str | None = None) -> None:
+    """Check, before any actor starts, that a configured model folder can be loaded safely;
+    ``label`` names the folder in errors where it is not a config field (e.g. eval's --model)."""
+    folder = _folder(model.path, label or f"{field}.path")
+    place = label or f"{field}.path {str(folder)!r}"
+    gguf_file = gguf_file_in(folder, model.gguf_file, field)
+    if gguf_file is not None:
+        require_gguf_packages(label or field)
+    elif not (folder / "config.json").is_file():
         raise ModelFolderError(
-            f"{field}.path {str(folder)!r} has no config.json: not a HF model folder"
+            f"{place} has neither config.json nor a .gguf file: not a model folder"
         )
-    if model.gguf_file is not None:
-        if not (folder / model.gguf_file).is_file():
-            raise ModelFolderError(
-                f"{field}.gguf_file {model.gguf_file!r} is not in {str(folder)!r}"
-            )
     else:
         files = [p.name for p in folder.iterdir()]
         safetensors = [f for f in files if f.endswith(".safetensors")]
         pickled = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
         if not safetensors and not pickled:
             raise ModelFolderError(
-                f"{field}.path {str(folder)!r} holds no weights (*.safetensors or, with "
-                "allow_pickle, *.bin)"
+                f"{place} holds no weights (*.safetensors or, with allow_pickle, *.bin)"
             )
         if not safetensors and not model.allow_pickle:
             raise ModelFolderError(
-                f"{field}.path {str(folder)!r} has only pickle weights ({', '.join(pickled)}); "
-                f"pickle can run code when loaded. Convert them to safetensors, or set "
-                f"{field}.allow_pickle: true if you trust their origin"
+                f"{place} has only pickle weights ({', '.join(pickled)}); pickle can run code "
+                f"when loaded. Convert them to safetensors, or set {field}.allow_pickle: true "
+                "if you trust their origin"
             )
-    config = _model_config(folder)
+    config = model_config_values(model, field)
     if config.get("auto_map") and not model.trust_remote_code:
         raise ModelFolderError(
-            f"{field}.path {str(folder)!r} needs its own code (config.json has auto_map); "
-            f"set {field}.trust_remote_code: true only if you trust that code"
+            f"{place} needs its own code (config.json has auto_map); set "
+            f"{field}.trust_remote_code: true only if you trust that code"
         )
-    tokenizer = model_tokenizer(model)
+    tokenizer = model_tokenizer(model, field)
     if not tokenizer.is_fast:
         raise ModelFolderError(
-            f"{field}.path {str(folder)!r}: its tokenizer ({type(tokenizer).__name__}) is a slow "
-            "tokenizer without character offsets; save a fast tokenizer (tokenizer.json)"
+            f"{place}: its tokenizer ({type(tokenizer).__name__}) is a slow tokenizer without "
+            "character offsets; save a fast tokenizer (tokenizer.json)"
         )
     vocab_size = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    described = "config.json" if gguf_file is None else f"{gguf_file}'s header"
     if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
         raise ModelFolderError(
-            f"{field}.path {str(folder)!r}: its tokenizer has {len(tokenizer)} tokens but "
-            f"config.json says vocab_size {vocab_size}, so ids from {vocab_size} on have no "
-            "embedding; the tokenizer and the weights do not belong together"
+            f"{place}: its tokenizer has {len(tokenizer)} tokens but {described} says "
+            f"vocab_size {vocab_size}, so ids from {vocab_size} on have no embedding; the "
+            "tokenizer and the weights do not belong together"
         )
 
 
@@ -128,22 +170,23 @@ def _model_config(folder: Path) -> dict:
 
 def check_context(model: ModelConfig, field: str, length: int, length_field: str) -> None:
     """Refuse sequences of ``length`` tokens that the model cannot read in one window."""
-    config = _model_config(Path(model.path))
+    config = model_config_values(model, field)
     config = config | config.get("text_config", {})
     context = next((config[key] for key in _CONTEXT_KEYS if isinstance(config.get(key), int)), None)
     if context is not None and length > context:
         raise ModelFolderError(
             f"{length_field} is {length} tokens but {field} reads at most {context} "
-            f"(its config.json); lower {length_field}"
+            f"(its config); lower {length_field}"
         )
 
 
-def load_causal_lm(model: ModelConfig, field: str, device: str):
+def load_causal_lm(model: ModelConfig, field: str, device: str, *, label: str | None = None):
     """Load a configured causal LM for inference on ``device`` (after check_model_folder)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    check_model_folder(model, field)
+    check_model_folder(model, field, label=label)
+    gguf_file = gguf_file_in(Path(model.path), model.gguf_file, field)
     attention = model.attention
     if attention == "auto":
         attention = "eager" if device == "cpu" else None
@@ -152,9 +195,9 @@ def load_causal_lm(model: ModelConfig, field: str, device: str):
         dtype=getattr(torch, model.dtype),
         attn_implementation=attention,
         local_files_only=True,
-        use_safetensors=None if model.allow_pickle or model.gguf_file else True,
+        use_safetensors=None if model.allow_pickle or gguf_file else True,
         trust_remote_code=model.trust_remote_code,
-        gguf_file=model.gguf_file,
+        gguf_file=gguf_file,
     )
     return loaded.to(device).eval()
 
@@ -172,10 +215,13 @@ def resolve_device(model: ModelConfig, num_gpus: float) -> str:
     return "cpu"
 
 
+UNUSED_PREFIX = "<|fusion:unused:"  # the placeholder of an id no token uses
+
+
 def vocab_list(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Token strings in id order; an id no token uses gets a placeholder that matches nothing."""
     vocab = tokenizer.get_vocab()
-    tokens = [f"<|fusion:unused:{i}|>" for i in range(max(vocab.values()) + 1)]
+    tokens = [f"{UNUSED_PREFIX}{i}|>" for i in range(max(vocab.values()) + 1)]
     for token, token_id in vocab.items():
         tokens[token_id] = token
     return tokens

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from fusion.config import SourceConfig
 
@@ -24,24 +25,27 @@ import numpy as np, torch
 from fusion.backends.hf import HFTopK
 from fusion.backends.vllm import VLLMTopK
 from fusion.config import SourceConfig
-source = SourceConfig(name="s", path=sys.argv[1], max_length=128)
 texts = ["def f(x):\\n    return x + 1\\n", "The quick brown fox jumps over the lazy dog.", "a"]
-hf = HFTopK(source, "s", num_gpus=0, top_k=5)
-vl = VLLMTopK(source, "s", num_gpus=0, top_k=5)
-sequences = [hf.encode(t, has_eos=True)[0] for t in texts]
-assert all((a == b).all() for a, b in zip(sequences, [vl.encode(t, True)[0] for t in texts]))
-ids_equal, worst, ce_gap = True, 0.0, 0.0
-with torch.inference_mode():
-    for seq in sequences:
-        logits = hf.model(torch.tensor(seq[None].astype("int64"))).logits[0].float()
-        logprobs = logits.log_softmax(-1)
-        ref, got = hf.read([seq], ["r"])[0], vl.read([seq], ["r"])[0]
-        ids_equal &= bool((ref.ids == got.ids).all())
-        want = logprobs.gather(-1, torch.from_numpy(ref.ids.astype("int64"))).numpy()
-        worst = max(worst, float(np.abs(want - got.logits).max()))
-        if len(seq) > 1:
-            ce_gap = max(ce_gap, abs(ref.ce - got.ce))
-print(json.dumps({"ids_equal": ids_equal, "max_logprob_diff": worst, "ce_diff": ce_gap}))
+for folder in sys.argv[1:]:
+    source = SourceConfig(name="s", path=folder, max_length=128)
+    hf = HFTopK(source, "s", num_gpus=0, top_k=5)
+    vl = VLLMTopK(source, "s", num_gpus=0, top_k=5)
+    sequences = [hf.encode(t, has_eos=True)[0] for t in texts]
+    assert all((a == b).all() for a, b in zip(sequences, [vl.encode(t, True)[0] for t in texts]))
+    ids_equal, worst, ce_gap, top_id = True, 0.0, 0.0, 0
+    with torch.inference_mode():
+        for seq in sequences:
+            logits = hf.model(torch.tensor(seq[None].astype("int64"))).logits[0].float()
+            logprobs = logits.log_softmax(-1)
+            ref, got = hf.read([seq], ["r"])[0], vl.read([seq], ["r"])[0]
+            ids_equal &= bool((ref.ids == got.ids).all())
+            top_id = max(top_id, int(got.ids.max()))
+            want = logprobs.gather(-1, torch.from_numpy(ref.ids.astype("int64"))).numpy()
+            worst = max(worst, float(np.abs(want - got.logits).max()))
+            if len(seq) > 1:
+                ce_gap = max(ce_gap, abs(ref.ce - got.ce))
+    print(json.dumps({"ids_equal": ids_equal, "max_logprob_diff": worst, "ce_diff": ce_gap,
+                      "tokenizer": len(hf.tokenizer), "top_id": top_id}))
 """
 
 
@@ -57,18 +61,24 @@ def test_vllm_backend_without_vllm_says_how_to_install_it(model_dirs):
 
 
 @pytest.mark.timeout(600)
-def test_vllm_backend_agrees_with_the_transformers_backend(tmp_path, metaspace_tokenizer):
+def test_vllm_backend_agrees_with_the_transformers_backend_padded_vocabulary_included(
+    tmp_path, metaspace_tokenizer
+):
     python = os.environ.get("FUSION_VLLM_PYTHON")
     if not python or not Path(python).is_file():
         pytest.skip("no Python with vLLM: set FUSION_VLLM_PYTHON (scripts/test.sh builds one)")
     from fusion.toy import save_model_dir, tiny_causal_lm
 
     # vLLM's CPU attention needs a head size of at least 32: width 128 with 4 heads.
-    folder = save_model_dir(
-        tmp_path / "llama",
-        tiny_causal_lm("llama", len(metaspace_tokenizer), width=128),
-        metaspace_tokenizer,
-    )
+    size = len(metaspace_tokenizer)
+    plain = tiny_causal_lm("llama", size, width=128)
+    padded = tiny_causal_lm("llama", size + 37, width=128, seed=3)
+    with torch.no_grad():  # rows the tokenizer lacks, made to win every top-k
+        padded.get_output_embeddings().weight[size:] *= 1000
+    folders = [
+        save_model_dir(tmp_path / "llama", plain, metaspace_tokenizer),
+        save_model_dir(tmp_path / "padded", padded, metaspace_tokenizer),
+    ]
     env = os.environ | {
         "PYTHONPATH": str(ROOT),
         "HF_HUB_OFFLINE": "1",
@@ -76,13 +86,17 @@ def test_vllm_backend_agrees_with_the_transformers_backend(tmp_path, metaspace_t
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
     done = subprocess.run(
-        [python, "-c", COMPARE, str(folder)],
+        [python, "-c", COMPARE, *map(str, folders)],
         env=env,
         capture_output=True,
         text=True,
         timeout=540,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["ids_equal"], result
-    assert result["max_logprob_diff"] < 1e-4 and result["ce_diff"] < 1e-4, result
+    results = [json.loads(line) for line in done.stdout.strip().splitlines()[-2:]]
+    for result in results:
+        assert result["ids_equal"], result
+        assert result["top_id"] < result["tokenizer"] == size, result
+    # log-probabilities: vLLM normalises over every row, padded ones too (a constant per
+    # position, which the softmax over k entries ignores); they agree where none is padded
+    assert results[0]["max_logprob_diff"] < 1e-4 and results[0]["ce_diff"] < 1e-4, results

@@ -12,6 +12,7 @@ from fusion.config import ModelConfig
 from fusion.errors import FusionError
 from fusion.head import ChunkedHead
 from fusion.models import (
+    UNUSED_PREFIX,
     load_causal_lm,
     model_tokenizer,
     reading_bos,
@@ -69,7 +70,7 @@ class HFTopK:
         usable = torch.zeros(size, dtype=torch.bool)
         usable[: len(self.vocab)] = True
         for token_id, token in enumerate(self.vocab):
-            if token.startswith("<|fusion:unused:"):
+            if token.startswith(UNUSED_PREFIX):
                 usable[token_id] = False
         self.head = ChunkedHead(
             self.model, masked=(~usable).to(self.device), budget_mb=model.logits_budget_mb

