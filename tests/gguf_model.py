@@ -4,13 +4,14 @@ Only ``gguf.GGUFWriter`` is used (no llama.cpp script). Weights are stored as F3
 get llama.cpp's rotary permutation, which transformers undoes on load. The architecture metadata
 is complete enough for transformers to rebuild the same ``LlamaConfig``.
 
-The tokenizer is stored as one of the two GGUF tokenizer models transformers rebuilds exactly:
+The tokenizer is stored as the GGUF tokenizer model that transformers rebuilds to the same ids:
 
 * ``"llama"`` for a ``▁`` (Metaspace) BPE with ``<0xNN>`` byte fallback: transformers rebuilds it
   as ``LlamaTokenizer`` (BPE with byte fallback, Metaspace with ``prepend_scheme="first"``) from
   the file's tokens and merges, so ids match as long as merges never cross a word boundary.
 * ``"gpt2"`` for a GPT-2 style byte-level (``Ġ``) BPE: rebuilt as ``GPT2Tokenizer``, which
-  encodes the same but appends its default ``<|endoftext|>`` to a vocabulary that lacks it.
+  encodes the same (not with ``isolate_digits``, whose split GGUF cannot state) but appends
+  its default ``<|endoftext|>`` to a vocabulary that lacks it.
 
 Special tokens are written as CONTROL so they stay whole; ``add_bos`` sets
 ``tokenizer.ggml.add_bos_token``, which the loaded tokenizer follows.
@@ -55,7 +56,8 @@ def write_gguf_llama(
 ) -> Path:
     """Write ``model`` and ``tokenizer`` to the F32 GGUF file ``path``; return ``path``.
 
-    Load them back with ``from_pretrained(path.parent, gguf_file=path.name)``.
+    Load them back with ``from_pretrained(path.parent, gguf_file=path.name)``, from a folder of
+    its own: a ``tokenizer_config.json`` beside the file overrides its ``add_bos`` flag.
     """
     config = model.config
     if config.rope_parameters.get("rope_type", "default") != "default":

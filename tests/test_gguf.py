@@ -3,9 +3,15 @@ and a GGUF source through validate, estimate, prepare and eval."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
 
+from fusion.cli import app
 from fusion.config import ModelConfig
 from fusion.gguf_header import GGUFError, read_gguf_header, require_gguf_packages
 from fusion.models import ModelFolderError, check_model_folder
@@ -81,3 +87,92 @@ def test_missing_gguf_packages_are_one_line_naming_the_extra(monkeypatch):
     message = str(caught.value)
     assert "\n" not in message and "sources.0" in message and "fusion[gguf]" in message
     assert "gguf" in message and "accelerate" not in message
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory, metaspace_tokenizer, model_dirs, training_texts, ray_cluster):
+    """A folder holding only a tiny Llama's .gguf (its tokenizer adds BOS) as the source of a
+    GPT-2 target, its config, and the model as transformers loads it from the file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusion.toy import tiny_causal_lm
+    from tests.gguf_model import write_gguf_llama
+
+    root = tmp_path_factory.mktemp("gguf")
+    (root / "source").mkdir()
+    original = tiny_causal_lm("llama", len(metaspace_tokenizer), seed=7)
+    write_gguf_llama(original, metaspace_tokenizer, root / "source" / "tiny.gguf", add_bos=True)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": text[:500]}) + "\n" for text in training_texts[60:64])
+    )
+    raw = {
+        "target": {"path": str(model_dirs["gpt2"]), "num_cpus": 0.4},
+        "sources": [{"name": "g", "path": str(root / "source"), "num_cpus": 0.4}],
+        "data": {"paths": [str(corpus)], "max_length": 32},
+        "align": {"mode": "clean"},  # the reference reads without BOS
+        "output": {"dir": str(root / "data"), "rows_per_file": 16},
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    loaded = AutoModelForCausalLM.from_pretrained(root / "source", gguf_file="tiny.gguf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(root / "source", gguf_file="tiny.gguf")
+    return root, raw, loaded, tokenizer, original.num_parameters()
+
+
+def _nll(model, ids: list[int]) -> list[float]:
+    """Each token's negative log-likelihood after the ones before it (ids[0] is context)."""
+    with torch.no_grad():
+        log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    return [-float(log_probs[p, ids[p + 1]]) for p in range(len(ids) - 1)]
+
+
+def test_a_gguf_only_source_validates_and_is_estimated_from_its_header(gguf_run):
+    from fusion.config import load_config
+    from fusion.estimate import estimate
+
+    root, raw, _, tokenizer, parameters = gguf_run
+    result = CliRunner().invoke(app, ["validate", str(root / "run.yaml")])
+    assert result.exit_code == 0, result.output
+    source = estimate(load_config(root / "run.yaml")).models[1]
+    assert source.name == "g" and source.parameters == parameters
+    batch, length = 8, raw["data"]["max_length"]  # the source's logits: its own 700 tokens
+    assert source.memory_bytes - 4 * parameters == 2 * batch * length * len(tokenizer) * 4
+
+
+def test_a_gguf_only_source_is_prepared_after_its_bos_and_evaluated(gguf_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    from fusion.config import load_config
+    from fusion.pipeline import prepare
+
+    root, _, loaded, tokenizer, _ = gguf_run
+    prepare(load_config(root / "run.yaml"), quiet=True)
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    assert manifest["target_bos"] is None  # the GPT-2 target's tokenizer adds none
+    table = pq.read_table(root / "data" / "data", columns=["id", "text", "g.ce"])
+    first_chunks = [row for row in table.to_pylist() if row["id"].endswith(":0")]
+    assert first_chunks
+    for row in first_chunks:  # a document's first chunk: no EOS appended
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        expected = np.mean(_nll(loaded, [tokenizer.bos_token_id, *ids])[1:])
+        assert row["g.ce"] == pytest.approx(expected, abs=1e-4)
+    text = "Assignment statements bind names to values.\nThey nest: a = b = 1 → é"
+    (tmp_path / "held.txt").write_text(text)
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "-m",
+            f"g={root / 'source'}",
+            "-d",
+            f"prose={tmp_path / 'held.txt'}",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    nll = _nll(loaded, [tokenizer.bos_token_id, *ids])
+    perplexity = json.loads(out.read_text())["g"]["perplexity"]["prose"]
+    assert perplexity == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-3)

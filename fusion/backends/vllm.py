@@ -87,7 +87,11 @@ class VLLMTopK:
         self.max_length = self.max_length or self.engine.llm_engine.model_config.max_model_len
         wanted = top_k + self.extra
         self.params = vllm.SamplingParams(
-            max_tokens=1, temperature=0.0, prompt_logprobs=wanted, logprobs=wanted
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=wanted,
+            logprobs=wanted,
+            detokenize=False,  # ids are all we keep; ids the tokenizer lacks cannot be decoded
         )
 
     def encode(self, text: str, has_eos: bool) -> tuple[np.ndarray, np.ndarray]:
