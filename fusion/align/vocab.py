@@ -4,7 +4,8 @@ MinED: a source token maps to itself when the target vocabulary has it (after tr
 whitespace marker), else to the target token at the smallest edit distance, ties going to the
 first target token in id order. The nearest-token search is batched through rapidfuzz's
 multi-threaded ``cdist`` with a rising distance cut-off: most tokens have a neighbour within
-two edits, so few rows ever pay for an unbounded comparison.
+two edits, so few rows ever pay for an unbounded comparison, and under a cut-off each batch
+is compared only with the target tokens of a length that could be that close.
 """
 
 from __future__ import annotations
@@ -59,17 +60,33 @@ def exact_vocab_map(
 def nearest_tokens(
     queries: Sequence[str], choices: Sequence[str], *, workers: int = -1
 ) -> np.ndarray:
-    """Index of the choice nearest to each query by edit distance (first index on ties)."""
+    """Index of the choice nearest to each query by edit distance (first index on ties).
+
+    Under a cut-off c only choices whose length is within c of a query's can be within c
+    edits of it, so each batch of queries (sorted by length) is compared with that window of
+    choices alone, still in id order, which keeps ties on the first index.
+    """
     result = np.full(len(queries), -1, dtype=np.int64)
-    pending = np.arange(len(queries))
     choices = list(choices)
+    choice_lengths = np.fromiter(map(len, choices), dtype=np.int64, count=len(choices))
+    query_lengths = np.fromiter(map(len, queries), dtype=np.int64, count=len(queries))
+    pending = np.argsort(query_lengths, kind="stable")
     for cutoff in _CUTOFFS:
         unresolved = []
         for start in range(0, len(pending), _ROWS_PER_CHUNK):
             rows = pending[start : start + _ROWS_PER_CHUNK]
+            if cutoff is None:
+                window = np.arange(len(choices))
+            else:
+                lengths = query_lengths[rows]
+                low, high = lengths.min() - cutoff, lengths.max() + cutoff
+                window = np.flatnonzero((choice_lengths >= low) & (choice_lengths <= high))
+                if len(window) == 0:
+                    unresolved.append(rows)
+                    continue
             distances = process.cdist(
                 [queries[r] for r in rows],
-                choices,
+                [choices[c] for c in window],
                 scorer=Levenshtein.distance,
                 score_cutoff=cutoff,
                 dtype=np.int32,
@@ -83,7 +100,7 @@ def nearest_tokens(
                 if cutoff is None
                 else distances[np.arange(len(rows)), best] <= cutoff
             )
-            result[rows[exact]] = best[exact]
+            result[rows[exact]] = window[best[exact]]
             unresolved.append(rows[~exact])
         pending = np.concatenate(unresolved) if unresolved else pending[:0]
         if len(pending) == 0:
