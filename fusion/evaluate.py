@@ -108,7 +108,7 @@ def score(
 
 def _load(name: str, path: str, device: str, dtype: str):
     config = ModelConfig(path=path, dtype=dtype)
-    model = load_causal_lm(config, name, device, label=f"model {name}={path}")
+    model = load_causal_lm(config, name, device, label=f"--model {name}")
     return model, model_tokenizer(config, name)
 
 

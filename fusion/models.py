@@ -109,9 +109,10 @@ def model_config_values(model: ModelConfig, field: str) -> dict:
 
 def check_model_folder(model: ModelConfig, field: str, *, label: str | None = None) -> None:
     """Check, before any actor starts, that a configured model folder can be loaded safely;
-    ``label`` names the folder in errors where it is not a config field (e.g. eval's --model)."""
-    folder = _folder(model.path, label or f"{field}.path")
-    place = label or f"{field}.path {str(folder)!r}"
+    ``label`` names the folder in errors where no config field holds it (eval's --model)."""
+    where = label or f"{field}.path"
+    folder = _folder(model.path, where)
+    place = f"{where} {str(folder)!r}"
     gguf_file = gguf_file_in(folder, model.gguf_file, field)
     if gguf_file is not None:
         require_gguf_packages(label or field)

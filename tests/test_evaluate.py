@@ -83,3 +83,16 @@ def test_eval_refuses_an_ensemble_of_different_vocabularies(model_dirs, tmp_path
 def test_eval_names_a_malformed_option(tmp_path):
     result = runner.invoke(app, ["eval", "-m", "no-equals-sign", "-d", f"c={tmp_path}"])
     assert result.exit_code == 2 and "expected NAME=PATH" in result.output
+
+
+def test_eval_names_the_model_option_of_a_folder_it_cannot_load(tmp_path):
+    corpus = tmp_path / "held.txt"
+    corpus.write_text(TEXTS[0], encoding="utf-8")
+    (tmp_path / "empty").mkdir()
+    for folder, problem in (
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path / "empty", "has neither config.json nor a .gguf file"),
+    ):
+        result = runner.invoke(app, ["eval", "-m", f"base={folder}", "-d", f"c={corpus}"])
+        assert result.exit_code == 2
+        assert f"--model base '{folder}' {problem}" in " ".join(result.output.split())

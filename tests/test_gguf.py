@@ -176,3 +176,31 @@ def test_a_gguf_only_source_is_prepared_after_its_bos_and_evaluated(gguf_run, tm
     nll = _nll(loaded, [tokenizer.bos_token_id, *ids])
     perplexity = json.loads(out.read_text())["g"]["perplexity"]["prose"]
     assert perplexity == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-3)
+
+
+def test_without_the_gguf_packages_validate_and_prepare_stop_in_one_line_before_ray(
+    gguf_run, monkeypatch
+):
+    import importlib.util
+
+    import fusion.pipeline
+    from fusion.config import load_config
+
+    root = gguf_run[0]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "accelerate" else real(name, *a),
+    )
+
+    def no_ray(_config):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(fusion.pipeline, "ensure_ray", no_ray)
+    result = CliRunner().invoke(app, ["validate", str(root / "run.yaml")])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "sources.0" in lines[0] and "fusion[gguf]" in lines[0], lines
+    with pytest.raises(GGUFError, match=r"accelerate: pip install 'fusion\[gguf\]'"):
+        fusion.pipeline.prepare(load_config(root / "run.yaml"), quiet=True, overwrite=True)
