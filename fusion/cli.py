@@ -101,7 +101,9 @@ def eval_command(
     max_length: Annotated[int, typer.Option(help="Window length in tokens.")] = 1024,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
     device: Annotated[str, typer.Option(help="'cpu' or 'cuda'.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bfloat16 on a capable GPU, else float32), float32, ….")
+    ] = "auto",
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Also write the results as JSON here.")
     ] = None,

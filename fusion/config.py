@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fusion.errors import FusionError
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -31,8 +31,13 @@ class ModelConfig(_Strict):
 
     path: str
     """Local folder holding config.json, weights and tokenizer (hub ids are not fetched)."""
-    dtype: Dtype = "float32"
-    """Weights and compute dtype; bfloat16 on GPUs."""
+    dtype: Dtype = "auto"
+    """Weights and compute dtype: 'auto' is bfloat16 on a GPU that supports it, float32 on
+    CPUs (GGUF weights are dequantised to it)."""
+    gpu_memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """Share of each of its GPUs the model may fill (weights, cache, logits): the per-GPU
+    budget of a model spread over several GPUs, and vLLM's gpu_memory_utilization (times a
+    fractional num_gpus)."""
     device: Device = "auto"
     """'auto' uses CUDA when the actor was given a GPU, else the CPU."""
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
@@ -71,12 +76,23 @@ class SourceConfig(ModelConfig):
     num_cpus: Annotated[float, Field(ge=0)] = 1.0
     """CPUs reserved per actor (fractions allowed)."""
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
-    """GPUs reserved per actor (fractions allowed)."""
+    """GPUs per actor: a fraction shares one GPU between actors; 2 or more (whole numbers)
+    spread the model across that many GPUs (too large for one)."""
     batch_size: Annotated[int, Field(ge=1)] = 8
     """Chunks per forward pass."""
     max_length: Annotated[int, Field(ge=2)] | None = None
     """Longest token sequence this model reads (default: its max_position_embeddings);
     target positions beyond what it read get the one-hot fallback."""
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_gpus_beyond_one(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(
+                f"{value:g}: a model spread over several GPUs takes whole GPUs (2, 4, 8); "
+                "fractions share a single GPU (0.5)"
+            )
+        return value
 
     @field_validator("name")
     @classmethod
@@ -185,7 +201,11 @@ class TrainConfig(_Strict):
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
     """DeepSpeed ZeRO or plain PyTorch DDP."""
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 2
-    """DeepSpeed ZeRO stage (0–3)."""
+    """DeepSpeed ZeRO stage (0–3). Stage 3 builds the target already partitioned across the
+    workers, so no worker ever holds a full copy (what lets a 7B target train on 8 GPUs)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: much less memory
+    for long sequences (a 7B target at 2048 tokens), about a third more compute."""
     num_workers: Annotated[int, Field(ge=1)] = 1
     """Training workers (one per GPU when use_gpu)."""
     use_gpu: bool = False

@@ -88,6 +88,13 @@ def _jsonl_text_fraction(filesystem: pafs.FileSystem, path: str, text_field: str
     return text / line_bytes if line_bytes else 1.0
 
 
+def _weight_bytes(dtype: str, gpus: float) -> int:
+    """Bytes per parameter: 'auto' is bfloat16 on GPUs, float32 on CPUs."""
+    if dtype == "auto":
+        dtype = "bfloat16" if gpus > 0 else "float32"
+    return _DTYPE_BYTES[dtype]
+
+
 def parameter_count(model: ModelConfig, field: str = "model") -> int:
     """Parameters listed in the safetensors headers, or in the GGUF file's tensor table
     (no weights are read)."""
@@ -159,7 +166,7 @@ def estimate(config: FusionConfig) -> Estimate:
             ModelEstimate(
                 name=name,
                 parameters=parameters,
-                memory_bytes=parameters * _DTYPE_BYTES[model.dtype] + logits,
+                memory_bytes=parameters * _weight_bytes(model.dtype, gpus) + logits,
                 seconds=2 * parameters * tokens / (rate * actors),
             )
         )

@@ -88,10 +88,10 @@ def score(
     for start in range(0, len(pieces), batch_size):
         batch = pieces[start : start + batch_size]
         width = max(map(len, batch))
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        ids = torch.zeros(len(batch), width, dtype=torch.long, device="cpu")  # built here,
+        mask = torch.zeros(len(batch), width, dtype=torch.long, device="cpu")  # then moved
         for row, piece in enumerate(batch):
-            ids[row, : len(piece)] = torch.tensor(piece)
+            ids[row, : len(piece)] = torch.tensor(piece, device="cpu")
             mask[row, : len(piece)] = 1
         ids, mask = ids.to(device), mask.to(device)
         per_model = []
@@ -119,7 +119,7 @@ def evaluate(
     max_length: int = 1024,
     batch_size: int = 8,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
 ) -> dict[str, dict]:
     """Per named model (one folder) or ensemble (several sharing a vocabulary): bpb and ppl.
 

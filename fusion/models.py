@@ -181,26 +181,43 @@ def check_context(model: ModelConfig, field: str, length: int, length_field: str
         )
 
 
-def load_causal_lm(model: ModelConfig, field: str, device: str, *, label: str | None = None):
-    """Load a configured causal LM for inference on ``device`` (after check_model_folder)."""
+def load_causal_lm(
+    model: ModelConfig,
+    field: str,
+    device: str,
+    *,
+    label: str | None = None,
+    num_gpus: float = 0.0,
+):
+    """Load a configured causal LM for inference on ``device`` (after check_model_folder):
+    in its ``dtype`` (resolved for the device), spread over the actor's GPUs when it holds
+    more than one."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from fusion.device import resolve_dtype
+    from fusion.placement import hf_placement
 
     check_model_folder(model, field, label=label)
     gguf_file = gguf_file_in(Path(model.path), model.gguf_file, field)
     attention = model.attention
     if attention == "auto":
         attention = "eager" if device == "cpu" else None
+    sizes = []
+    if device == "cuda" and num_gpus > 1:
+        sizes = [torch.cuda.get_device_properties(i).total_memory for i in range(int(num_gpus))]
+    placement = hf_placement(num_gpus, device, sizes, model.gpu_memory_fraction)
     loaded = AutoModelForCausalLM.from_pretrained(
         model.path,
-        dtype=getattr(torch, model.dtype),
+        dtype=resolve_dtype(model.dtype, device),
         attn_implementation=attention,
         local_files_only=True,
         use_safetensors=None if model.allow_pickle or gguf_file else True,
         trust_remote_code=model.trust_remote_code,
         gguf_file=gguf_file,
+        **placement,
     )
-    return loaded.to(device).eval()
+    return (loaded if placement else loaded.to(device)).eval()
 
 
 def resolve_device(model: ModelConfig, num_gpus: float) -> str:

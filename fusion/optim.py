@@ -14,7 +14,8 @@ def adamw(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     decay, plain = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else plain).append(parameter)
+            shape = getattr(parameter, "ds_shape", parameter.shape)  # ZeRO-3: the full shape
+            (decay if len(shape) >= 2 else plain).append(parameter)
     return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": train.weight_decay},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from fusion.pipeline import ClusterError, ensure_ray
 from fusion.train_loop import total_steps, train_loop_per_worker
 
 RUN_NAME = "fusion-train"
+STRICT_DEVICE = "FUSION_STRICT_DEVICE"  # "1": workers refuse collectives off their device
 _READ_CPU = 0.25  # reservation of the Parquet read tasks feeding the workers
 
 
@@ -171,6 +173,7 @@ def fit(
             "run": run.model_dump(mode="json"),
             "rows": rows,
             "bos": bos,
+            "strict_device": os.environ.get(STRICT_DEVICE) == "1",
             "storage": str(storage),
             "export_dir": str(export_dir),
             "quiet": quiet,

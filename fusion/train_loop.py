@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusion.batches import collate
 from fusion.config import FusionConfig, TrainConfig
+from fusion.device import strict_device
 from fusion.errors import FusionError
 from fusion.loss import fusion_objective
 from fusion.optim import adamw, scheduler
@@ -61,43 +61,79 @@ def total_steps(train: TrainConfig, rows: int | None) -> int:
     return min(steps, train.max_steps) if train.max_steps else steps
 
 
-class Engine:
-    """One interface over DeepSpeed and DDP: forward, backward, step, save, load, export."""
+def deepspeed_config(train: TrainConfig) -> dict:
+    """The DeepSpeed configuration of a training run."""
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.accumulation,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
 
-    def __init__(self, run: FusionConfig, total: int):
-        import ray.train.torch
+
+class Engine:
+    """One interface over DeepSpeed and DDP: forward, backward, step, save, load, export.
+
+    It runs in a Ray Train worker (``device`` from Ray) or anywhere a process group exists
+    (``device`` given: the GPU check builds it without Ray).
+    """
+
+    def __init__(self, run: FusionConfig, total: int, device: torch.device | None = None):
         from transformers import AutoModelForCausalLM
 
         self.train = run.train
-        self.device = ray.train.torch.get_device()
+        if device is None:
+            import ray.train.torch
+
+            device = ray.train.torch.get_device()
+        self.device = torch.device(device)
+        self.bf16 = self.train.bf16
+        zero3 = self.train.strategy == "deepspeed" and self.train.zero_stage == 3
+        config = deepspeed_config(self.train)
+        if zero3:  # built partitioned across the ranks: no rank ever holds the whole model
+            from transformers.integrations import HfDeepSpeedConfig
+
+            building = HfDeepSpeedConfig(config)  # read by from_pretrained while it lives
         model = AutoModelForCausalLM.from_pretrained(
             run.target.path, dtype=torch.float32, local_files_only=True
         )
+        if zero3:
+            del building
+        else:
+            model = model.to(self.device)
+        if self.train.gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None)  # newer name
+            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
+            model.config.use_cache = False
         optimizer = adamw(model, self.train)
         schedule = scheduler(optimizer, total, self.train)
-        self.bf16 = self.train.bf16
         if self.train.strategy == "deepspeed":
             import deepspeed
 
             self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model.to(self.device),
+                model=model,
                 optimizer=optimizer,
                 lr_scheduler=schedule,
                 dist_init_required=False,
-                config={
-                    "train_micro_batch_size_per_gpu": self.train.micro_batch_size,
-                    "gradient_accumulation_steps": self.train.accumulation,
-                    "gradient_clipping": self.train.grad_clip,
-                    "zero_optimization": {"stage": self.train.zero_stage},
-                    "bf16": {"enabled": self.bf16},
-                    "zero_allow_untested_optimizer": True,
-                    "steps_per_print": 1 << 30,
-                },
+                config=config,
             )
         else:
-            self.model = ray.train.torch.prepare_model(model)
+            self.model = _ddp(model, self.device)
             self.optimizer, self.scheduler = optimizer, schedule
         self.micro = 0
+
+    def sum_over_workers(self, value: int) -> int:
+        """``value`` summed over every worker, through a tensor on the engine's device (NCCL
+        refuses CPU tensors)."""
+        import torch.distributed as dist
+
+        total = torch.tensor([value], dtype=torch.long, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        return int(total.item())
 
     @property
     def module(self) -> torch.nn.Module:
@@ -247,10 +283,21 @@ def _log_line(progress: Progress, total: int, metrics: dict) -> str:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """The Ray Train entry point (``loop_config``: run config, row count, storage, quiet)."""
+    """The Ray Train entry point (``loop_config``: run config, row count, storage, quiet,
+    and ``strict_device``: hold the loop to the GPU rule on any machine, see fusion.device)."""
+    import ray.train.torch
+
+    if not loop_config.get("strict_device"):
+        return _train(loop_config)
+    with strict_device(ray.train.torch.get_device()):
+        return _train(loop_config)
+
+
+def _train(loop_config: dict) -> None:
     import ray.data
     import ray.train
-    import torch.distributed as dist
+
+    from fusion.batches import collate  # pyarrow: not needed by the engine itself
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the step lines report
     run = FusionConfig.model_validate(loop_config["run"])
@@ -318,11 +365,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if not stepped:
                 continue
             progress.step += 1
-            tokens = torch.tensor([step_tokens], dtype=torch.long)
-            if dist.is_initialized():
-                dist.all_reduce(tokens)  # every worker's real tokens of this step
-            progress.tokens_seen += int(tokens)
-            window.tokens += int(tokens)
+            tokens = engine.sum_over_workers(step_tokens)  # every worker's tokens of the step
+            progress.tokens_seen += tokens
+            window.tokens += tokens
             step_tokens = 0
             finished = progress.step >= total or (
                 progress.micro_in_epoch >= usable_micro and epoch + 1 == train.epochs
@@ -364,6 +409,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     if rank == 0 or (train.strategy == "deepspeed" and train.zero_stage == 3):
         _export(engine, run, progress, loop_config, rank)
+
+
+def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model wrapped for data parallelism when a process group of several ranks exists."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def _report_with_checkpoint(engine: Engine, progress: Progress, metrics: dict, rank: int) -> None:

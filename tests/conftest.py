@@ -15,6 +15,10 @@ from fusion.toy import train_tokenizer
 settings.register_profile("deterministic", derandomize=True, deadline=None, print_blob=True)
 settings.load_profile("deterministic")
 
+# Every training worker a test starts holds itself to the GPU rule (collectives only on the
+# engine's device, see fusion.device), so a CPU run fails where NCCL would.
+os.environ["FUSION_STRICT_DEVICE"] = "1"
+
 # A copy of shared/golden/fusellm_public.json travels with the repository, so a clone with
 # nothing beside it runs every test; FUSION_GOLDEN points at another copy to check against.
 DATA = Path(__file__).resolve().parent / "data"

