@@ -310,14 +310,18 @@ def _human(size: float) -> str:
 @app.command()
 def estimate(
     config_file: Annotated[Path, typer.Argument(help="YAML run configuration.")],
+    gpu_gib: Annotated[
+        float, typer.Option(help="Memory of one GPU of the cluster, GiB (fit warnings).")
+    ] = 80.0,
 ) -> None:
-    """Predict disk, memory per actor and rough time of `fusion prepare` before running it."""
+    """Predict disk, memory per actor and per GPU, training memory per worker and rough time
+    of a run before it starts."""
     from fusion.config import load_config
     from fusion.errors import FusionError
     from fusion.estimate import estimate as run_estimate
 
     try:
-        result = run_estimate(load_config(config_file))
+        result = run_estimate(load_config(config_file), gpu_bytes=int(gpu_gib * 2**30))
     except FusionError as error:
         raise _fail(error) from None
     typer.echo(
@@ -325,9 +329,28 @@ def estimate(
         f"disk ≤ {_human(result.disk_bytes)}"
     )
     for model in result.models:
+        per_gpu = (
+            f" (≈ {_human(model.per_gpu_bytes)} on each of {model.gpus:g} GPU)"
+            if model.gpus > 0
+            else ""
+        )
         typer.echo(
             f"  {model.name:<12} {model.parameters / 1e6:>9.1f} M parameters, "
-            f"≈ {_human(model.memory_bytes)} per actor, ≈ {model.seconds / 3600:.2f} h"
+            f"≈ {_human(model.memory_bytes)} per actor{per_gpu}, ≈ {model.seconds / 3600:.2f} h"
+        )
+        if not model.fits:
+            typer.echo(
+                f"  warning: {model.name} needs ≈ {_human(model.per_gpu_bytes)} per GPU but "
+                f"may use {_human(model.gpu_budget_bytes)} of a {gpu_gib:g} GiB GPU "
+                "(gpu_memory_fraction × its share): give it more GPUs (num_gpus) or a "
+                "smaller dtype"
+            )
+    if result.training is not None:
+        t = result.training
+        typer.echo(
+            f"training: ≈ {_human(t.bytes_per_worker)} per worker for weights, gradients and "
+            f"AdamW state (ZeRO-{t.stage} over {t.workers} worker(s); activations not "
+            "included: train.gradient_checkpointing shrinks those)"
         )
     typer.echo(
         f"rough wall time ≈ {result.seconds / 3600:.2f} h (the slowest stage; stages stream)"

@@ -37,6 +37,29 @@ class ModelEstimate:
     parameters: int
     memory_bytes: int
     seconds: float
+    gpus: float = 0.0
+    gpu_budget_bytes: int = 0  # what its GPUs (or its share of one) may hold
+
+    @property
+    def per_gpu_bytes(self) -> int:
+        """Memory on each of its GPUs (spread evenly over whole GPUs), 0 on CPUs."""
+        return int(self.memory_bytes / max(self.gpus, 1)) if self.gpus > 0 else 0
+
+    @property
+    def fits(self) -> bool:
+        """Whether its GPUs hold it (always, on CPUs)."""
+        return self.gpus == 0 or self.per_gpu_bytes <= self.gpu_budget_bytes
+
+
+@dataclass(frozen=True)
+class TrainingEstimate:
+    """Memory of one training worker: weights, gradients and optimizer state (ZeRO shares
+    them out over the workers), activations not included."""
+
+    parameters: int
+    stage: int
+    workers: int
+    bytes_per_worker: int
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,7 @@ class Estimate:
     tokens: int
     disk_bytes: int
     models: list[ModelEstimate]
+    training: TrainingEstimate | None = None
 
     @property
     def seconds(self) -> float:
@@ -131,8 +155,9 @@ def logits_memory(model: ModelConfig, field: str, batch: int, length: int) -> in
     return 2 * min(dense, model.logits_budget_mb * 2**20)
 
 
-def estimate(config: FusionConfig) -> Estimate:
-    """Predict tokens, disk, memory per actor and time for ``config``."""
+def estimate(config: FusionConfig, *, gpu_bytes: int = 80 * 2**30) -> Estimate:
+    """Predict tokens, disk, memory per actor (and per GPU, against GPUs of ``gpu_bytes``),
+    training memory per worker and time for ``config``."""
     shards = plan_shards(config.data)
     corpus_bytes = sum(_size(s, config.data.text_field) for s in shards)
     tokenizer = model_tokenizer(config.target, "target")
@@ -168,6 +193,28 @@ def estimate(config: FusionConfig) -> Estimate:
                 parameters=parameters,
                 memory_bytes=parameters * _weight_bytes(model.dtype, gpus) + logits,
                 seconds=2 * parameters * tokens / (rate * actors),
+                gpus=gpus,
+                gpu_budget_bytes=int(gpu_bytes * model.gpu_memory_fraction * min(gpus, 1)),
             )
         )
-    return Estimate(corpus_bytes, tokens, int(tokens * per_token), models)
+    training = training_memory(config) if config.train is not None else None
+    return Estimate(corpus_bytes, tokens, int(tokens * per_token), models, training)
+
+
+def training_memory(config: FusionConfig) -> TrainingEstimate:
+    """Bytes per training worker for the target's weights, gradients and AdamW state under
+    the configured ZeRO stage (DDP: stage 0): bf16 keeps 2-byte weights and gradients beside
+    fp32 master weights, fp32 keeps 4-byte ones; AdamW adds two fp32 moments."""
+    train = config.train
+    parameters = parameter_count(config.target, "target")
+    weights = gradients = 2 if train.bf16 else 4
+    optimizer = 12 if train.bf16 else 8  # (fp32 master +) two moments
+    stage = train.zero_stage if train.strategy == "deepspeed" else 0
+    n = train.num_workers
+    per_parameter = {
+        0: weights + gradients + optimizer,
+        1: weights + gradients + optimizer / n,
+        2: weights + (gradients + optimizer) / n,
+        3: (weights + gradients + optimizer) / n,
+    }[stage]
+    return TrainingEstimate(parameters, stage, n, int(parameters * per_parameter))

@@ -145,6 +145,22 @@ def check_cluster(
         )
 
 
+def unused_gpus(config: FusionConfig, available: dict[str, float]) -> str | None:
+    """A note when the cluster has GPUs but the config gives none to any model or worker
+    (the defaults run on CPUs: an unedited config would silently ignore the GPUs)."""
+    gpus = available.get("GPU", 0.0)
+    asked = config.target.num_gpus + sum(s.num_gpus * s.actors for s in config.sources)
+    if config.train is not None and config.train.use_gpu:
+        asked += config.train.num_workers
+    if gpus <= 0 or asked > 0:
+        return None
+    return (
+        f"note: the cluster has {gpus:g} GPUs but this config asks for none, so everything "
+        "runs on CPUs; set num_gpus on the target and sources (and train.use_gpu: true) to "
+        "use them"
+    )
+
+
 OFFLINE = {"HF_HUB_OFFLINE": "1"}  # models are local folders: no worker ever calls the hub
 
 
@@ -265,6 +281,8 @@ def prepare(
         ray = ensure_ray(config)
         ray.data.DataContext.get_current().enable_progress_bars = not quiet
         check_cluster(config, ray.cluster_resources())
+        if note := unused_gpus(config, ray.cluster_resources()):
+            echo(note)
         done = {s: ids for s, ids in progress.done_ids.items() if s not in complete}
         dataset = teacher_dataset(config, todo, done).map_batches(
             write_batch,

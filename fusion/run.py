@@ -13,13 +13,22 @@ materialise with `fusion prepare` and `fusion train`.
 
 from __future__ import annotations
 
+import sys
+
 import pyarrow as pa
 
 from fusion.batches import teacher_columns
 from fusion.config import ConfigError, FusionConfig
 from fusion.corpus import plan_shards
 from fusion.models import check_models, training_bos
-from fusion.pipeline import SMALL_CPU, candidates, check_cluster, ensure_ray, teacher_dataset
+from fusion.pipeline import (
+    SMALL_CPU,
+    candidates,
+    check_cluster,
+    ensure_ray,
+    teacher_dataset,
+    unused_gpus,
+)
 from fusion.rows import FUSED, schema, to_table
 from fusion.train import TrainSummary, check_training_resources, fit, train_settings
 
@@ -45,6 +54,8 @@ def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     workers = (train.num_workers * train.cpus_per_worker, train.num_workers * train.use_gpu)
     check_cluster(config, ray.cluster_resources(), also=workers)
     check_training_resources(train, ray.cluster_resources())
+    if note := unused_gpus(config, ray.cluster_resources()):
+        print(note, file=sys.stderr)
     teacher = train.teacher
     if teacher not in [*candidates(config), FUSED]:
         raise ConfigError(

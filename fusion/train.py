@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from fusion.config import FusionConfig, TrainConfig
 from fusion.errors import FusionError, user_error_from
 from fusion.models import model_tokenizer, vocab_fingerprint
 from fusion.output import complete_manifest
-from fusion.pipeline import ClusterError, ensure_ray
+from fusion.pipeline import ClusterError, ensure_ray, unused_gpus
 from fusion.train_loop import total_steps, train_loop_per_worker
 
 RUN_NAME = "fusion-train"
@@ -126,6 +127,8 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     total_steps(train, manifest["rows"])  # refuse a data set smaller than one global batch
     ray = ensure_ray(run)
     check_training_resources(train, ray.cluster_resources())
+    if note := unused_gpus(run, ray.cluster_resources()):
+        print(note, file=sys.stderr)
     folder = data_dir(run)
     dataset = ray.data.read_parquet(
         [str(folder / f["file"]) for f in manifest["files"]], num_cpus=_READ_CPU

@@ -36,3 +36,72 @@ def test_more_than_one_gpu_must_be_whole_gpus():
     assert SourceConfig(name="s", path="m", num_gpus=2).num_gpus == 2
     with pytest.raises(ValidationError, match=r"1.5: a model spread over several GPUs takes whole"):
         SourceConfig(name="s", path="m", num_gpus=1.5)
+
+
+@pytest.fixture()
+def gpu_config(tmp_path, model_dirs, training_texts):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(training_texts[:5]))
+    return {
+        "target": {"path": str(model_dirs["target"])},
+        "sources": [{"name": "big", "path": str(model_dirs["gpt2"]), "num_gpus": 2}],
+        "data": {"paths": [str(corpus)], "max_length": 128},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+
+
+def _parameters(folder) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).num_parameters()
+
+
+@pytest.mark.parametrize(
+    ("train", "bytes_per_parameter"),
+    [
+        ({"strategy": "ddp", "num_workers": 2}, 16),  # fp32 weights 4 + grads 4 + moments 8
+        ({"zero_stage": 2, "num_workers": 4}, 4 + 12 / 4),
+        ({"zero_stage": 3, "num_workers": 4, "use_gpu": True}, 16 / 4),  # bf16 2+2, fp32 12
+        ({"zero_stage": 1, "num_workers": 2, "use_gpu": True}, 2 + 2 + 12 / 2),
+    ],
+)
+def test_training_memory_per_worker_follows_the_zero_stage(gpu_config, train, bytes_per_parameter):
+    from fusion.config import parse_config
+    from fusion.estimate import estimate
+
+    settings = {"global_batch_size": 8, "micro_batch_size": 1} | train
+    result = estimate(parse_config(gpu_config | {"train": settings}))
+    parameters = _parameters(gpu_config["target"]["path"])
+    assert result.training.bytes_per_worker == int(parameters * bytes_per_parameter)
+
+
+def test_estimate_reports_memory_per_gpu_and_warns_when_a_model_will_not_fit(gpu_config, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from fusion.cli import app
+    from fusion.config import parse_config
+    from fusion.estimate import estimate
+
+    source = estimate(parse_config(gpu_config)).models[-1]
+    assert source.gpus == 2 and source.per_gpu_bytes == source.memory_bytes // 2
+    assert source.fits and source.gpu_budget_bytes == int(80 * GIB * 0.9)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(gpu_config))
+    tiny = source.per_gpu_bytes / 2 / GIB  # GPUs of half what it needs on each
+    result = CliRunner().invoke(
+        app, ["estimate", str(tmp_path / "run.yaml"), "--gpu-gib", str(tiny)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "on each of 2 GPU" in result.output
+    assert "warning: big needs" in result.output and "num_gpus" in result.output
+
+
+def test_a_cluster_with_gpus_that_the_config_leaves_idle_is_noted(gpu_config):
+    from fusion.config import parse_config
+    from fusion.pipeline import unused_gpus
+
+    cpu_only = gpu_config | {"sources": [gpu_config["sources"][0] | {"num_gpus": 0}]}
+    note = unused_gpus(parse_config(cpu_only), {"CPU": 16.0, "GPU": 8.0})
+    assert note is not None and "8 GPUs but this config asks for none" in note
+    assert unused_gpus(parse_config(cpu_only), {"CPU": 16.0}) is None
+    assert unused_gpus(parse_config(gpu_config), {"CPU": 16.0, "GPU": 8.0}) is None
