@@ -39,6 +39,8 @@ ICLR 2024) with the `fusion` toolkit.
   tokens, teacher `{train.teacher}` (align {align.method}/{align.vocab_map}/{align.mode},
   fuse {run.fuse.method} per {run.fuse.granularity}, top-{align.top_k})
 - **λ:** {train.lam}
+- **Compute dtype:** {"bfloat16" if train.bf16 else "float32"} (precision `{train.precision}`,
+  {"GPU" if train.use_gpu else "CPU"} workers; master weights float32)
 - **Optimizer steps:** {progress.step}; **tokens seen:** {progress.tokens_seen}
 - **Loss:** {curve}
 - **Settings:** {train.strategy} (ZeRO {train.zero_stage}), {train.num_workers} worker(s),

@@ -67,6 +67,7 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(zero2_run, strate
     assert model(torch.tensor([[1, 5, 9]])).logits.shape[-1] == model.config.vocab_size
     card = (export / "README.md").read_text()
     assert "λ:** 0.9" in card and "src" in card and "tokens seen" in card
+    assert "**Compute dtype:** float32 (precision `auto`,\n  CPU workers" in card
     assert (
         yaml.safe_load((export / "fusion-config.yaml").read_text())["train"]["strategy"] == strategy
     )
