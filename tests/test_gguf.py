@@ -107,7 +107,7 @@ def gguf_run(tmp_path_factory, metaspace_tokenizer, model_dirs, training_texts, 
         "".join(json.dumps({"text": text[:500]}) + "\n" for text in training_texts[60:64])
     )
     raw = {
-        "target": {"path": str(model_dirs["gpt2"]), "num_cpus": 0.4},
+        "target": {"path": str(model_dirs["gpt2"]), "num_cpus": 0.4, "as_teacher": False},
         "sources": [{"name": "g", "path": str(root / "source"), "num_cpus": 0.4}],
         "data": {"paths": [str(corpus)], "max_length": 32},
         "align": {"mode": "clean"},  # the reference reads without BOS
@@ -133,7 +133,7 @@ def test_a_gguf_only_source_validates_and_is_estimated_from_its_header(gguf_run)
     root, raw, _, tokenizer, parameters = gguf_run
     result = CliRunner().invoke(app, ["validate", str(root / "run.yaml")])
     assert result.exit_code == 0, result.output
-    source = estimate(load_config(root / "run.yaml")).models[1]
+    source = estimate(load_config(root / "run.yaml")).models[-1]
     assert source.name == "g" and source.parameters == parameters
     batch, length = 8, raw["data"]["max_length"]  # the source's logits: its own 700 tokens
     assert source.memory_bytes - 4 * parameters == 2 * batch * length * len(tokenizer) * 4
