@@ -81,6 +81,9 @@ def demo(
     typer.echo(f"report: {out / 'report.md'}")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[
@@ -114,6 +117,11 @@ def eval_command(
     from fusion.errors import FusionError
     from fusion.evaluate import evaluate
     from fusion.files import write_text_atomically
+
+    if dtype not in DTYPES:
+        raise _fail(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if device not in ("cpu", "cuda"):
+        raise _fail(f"--device {device!r}: expected cpu or cuda")
 
     def pairs(values: list[str], option: str) -> dict[str, str]:
         parsed = {}

@@ -296,8 +296,24 @@ def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def check_models(config: FusionConfig) -> None:
-    """Every configured model folder, and the target's context against the chunk length."""
-    check_model_folder(config.target, "target")
+    """Every configured model folder, and the target's context against the chunk length;
+    every problem is reported, one per line (a single one as itself)."""
+    problems: list[FusionError] = []
+
+    def collect(check, *args) -> None:
+        try:
+            check(*args)
+        except FusionError as error:
+            problems.append(error)
+
+    collect(check_model_folder, config.target, "target")
+    if not problems:  # the window is read from a folder that loads
+        collect(check_context, config.target, "target", config.data.max_length, "data.max_length")
     for index, source in enumerate(config.sources):
-        check_model_folder(source, f"sources.{index}")
-    check_context(config.target, "target", config.data.max_length, "data.max_length")
+        collect(check_model_folder, source, f"sources.{index}")
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ModelFolderError(
+            f"{len(problems)} problems with the models:\n  " + "\n  ".join(map(str, problems))
+        )

@@ -96,3 +96,15 @@ def test_eval_names_the_model_option_of_a_folder_it_cannot_load(tmp_path):
         result = runner.invoke(app, ["eval", "-m", f"base={folder}", "-d", f"c={corpus}"])
         assert result.exit_code == 2
         assert f"--model base '{folder}' {problem}" in " ".join(result.output.split())
+
+
+def test_eval_refuses_an_unknown_dtype_or_device_in_one_line(tmp_path):
+    for option, value, expected in (
+        ("--dtype", "bf16", "--dtype 'bf16': expected one of auto, float32, bfloat16, float16"),
+        ("--device", "gpu", "--device 'gpu': expected cpu or cuda"),
+    ):
+        result = runner.invoke(
+            app, ["eval", "-m", f"m={tmp_path}", "-d", f"c={tmp_path}", option, value]
+        )
+        assert result.exit_code == 2
+        assert result.output.strip() == f"error: {expected}"

@@ -94,3 +94,25 @@ def test_validate_command_accepts_a_good_config_and_names_a_bad_folder(model_dir
     assert result.exit_code == 2
     assert "sources.0.path" in result.output and "does not exist" in result.output
     assert "Traceback" not in result.output
+
+
+def test_validate_lists_every_problem_of_every_model_folder(model_dirs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    raw = {
+        "target": {"path": str(model_dirs["target"])},
+        "sources": [
+            {"name": "gone", "path": str(tmp_path / "gone")},
+            {"name": "coder", "path": str(model_dirs["gpt2"])},
+            {"name": "hollow", "path": str(tmp_path / "empty")},
+        ],
+        "data": {"paths": ["corpus.jsonl"], "max_length": 4096},  # beyond the target's 1024
+        "output": {"dir": "out"},
+    }
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "bad.yaml")])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines[0] == "error: 3 problems with the models:"
+    assert "data.max_length is 4096 tokens but target reads at most 1024" in lines[1]
+    assert "sources.0.path" in lines[2] and "does not exist" in lines[2]
+    assert "sources.2.path" in lines[3] and "neither config.json nor a .gguf file" in lines[3]
