@@ -255,7 +255,9 @@ def prepare(
 
 @app.command()
 def inspect(
-    data_dir: Annotated[Path, typer.Argument(help="A prepared data folder (its manifest.json).")],
+    data_dir: Annotated[
+        str, typer.Argument(help="A prepared data folder or URI (its manifest.json).")
+    ],
     row: Annotated[
         str | None, typer.Option("--row", help="Show this row (its id) position by position.")
     ] = None,

@@ -69,10 +69,17 @@ class SourceConfig(ModelConfig):
 
     name: str
     """Identifier used in column names: letters, digits, '_' and '-', starting with a letter."""
-    backend: Literal["hf", "vllm"] = "hf"
-    """'hf' runs transformers; 'vllm' runs vLLM's engine (optional extra `fusion[vllm]`)."""
+    backend: Literal["hf", "vllm", "simulated"] = "hf"
+    """'hf' runs transformers; 'vllm' runs vLLM's engine (optional extra `fusion[vllm]`);
+    'simulated' is for benchmarks only: it waits instead of computing a model."""
+    simulated_tokens_per_s: Annotated[float, Field(gt=0)] | None = None
+    """backend 'simulated' only: the model speed it stands in for; each forward pass waits
+    its tokens / this many seconds and returns valid top-k of the tokenizer's vocabulary."""
     actors: Annotated[int, Field(ge=1)] = 1
     """Actors in this source's pool; more actors, more throughput."""
+    align_actors: Annotated[int, Field(ge=1)] | None = None
+    """Actors aligning this source's top-k to the target (0.1 CPU each); default: one per
+    model actor, so alignment keeps up as the model pool grows."""
     num_cpus: Annotated[float, Field(ge=0)] = 1.0
     """CPUs reserved per actor (fractions allowed)."""
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
@@ -94,6 +101,15 @@ class SourceConfig(ModelConfig):
             )
         return value
 
+    @model_validator(mode="after")
+    def _simulated_speed(self) -> SourceConfig:
+        if (self.backend == "simulated") != (self.simulated_tokens_per_s is not None):
+            raise ValueError(
+                "simulated_tokens_per_s goes with backend 'simulated' (a benchmark stand-in "
+                "for a model) and only with it"
+            )
+        return self
+
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
@@ -112,6 +128,8 @@ class TargetConfig(ModelConfig):
 
     as_teacher: bool = True
     """Run the target as a teacher candidate too (the paper does)."""
+    actors: Annotated[int, Field(ge=1)] = 1
+    """Actors running the target as a teacher; more actors, more throughput."""
     num_cpus: Annotated[float, Field(ge=0)] = 1.0
     """CPUs reserved per target-teacher actor."""
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
@@ -135,6 +153,15 @@ class DataConfig(_Strict):
     """Column holding a domain label, kept for per-domain evaluation."""
     max_length: Annotated[int, Field(ge=2)] = 2048
     """Longest chunk, in target tokens; longer documents are cut into several chunks."""
+    shard_mb: Annotated[float, Field(gt=0)] = 64.0
+    """Uncompressed JSONL files larger than this are read as byte ranges of this size, in
+    parallel (each range is a unit of resume)."""
+    block_chunks: Annotated[int, Field(ge=1)] = 64
+    """Chunks per block handed from reading to the models: progress and commits come at
+    least this often, however large a document or shard is."""
+    readers: Annotated[int, Field(ge=1)] | None = None
+    """Actors reading and chunking the corpus (0.1 CPU each); default: one per four model
+    actors, at most one per shard."""
 
 
 class AlignConfig(_Strict):
@@ -181,8 +208,8 @@ class OutputConfig(_Strict):
 
     dir: str
     """Folder (or URI) of the Parquet data set and its manifest.json."""
-    rows_per_file: Annotated[int, Field(ge=1)] = 4096
-    """Rows per Parquet file."""
+    rows_per_file: Annotated[int, Field(ge=1)] = 512
+    """Rows per Parquet file, each a commit: a killed run keeps every file it finished."""
 
 
 class TrainConfig(_Strict):

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 
+from fusion.corpus import open_filesystem
 from fusion.errors import FusionError
 from fusion.fuse import MIXED, NO_TEACHER
-from fusion.output import complete_manifest
+from fusion.output import complete_manifest, join
 from fusion.rows import FUSED, candidate_aligned, table_to_batch
 
 
@@ -23,7 +24,7 @@ class InspectError(FusionError):
     """A folder or row that cannot be inspected."""
 
 
-def read_manifest(folder: Path) -> dict:
+def read_manifest(folder: str | Path) -> dict:
     """The manifest of a complete prepared data set, or InspectError saying what is missing."""
     manifest = complete_manifest(
         folder, InspectError, "run `fusion prepare` first, or let it finish"
@@ -71,11 +72,13 @@ def _show(token: str, width: int = 12) -> str:
     return shown if len(shown) <= width else shown[: width - 1] + "…"
 
 
-def row_lines(folder: Path, manifest: dict, row_id: str, positions: int) -> list[str]:
+def row_lines(folder: str | Path, manifest: dict, row_id: str, positions: int) -> list[str]:
     """One row side by side: target token, next token, each candidate's top-3, the choice."""
     from fusion.models import load_tokenizer
 
-    dataset = pads.dataset([str(folder / f["file"]) for f in manifest["files"]], format="parquet")
+    filesystem, root = open_filesystem(str(folder))
+    files = [join(root, f["file"]) for f in manifest["files"]]
+    dataset = pads.dataset(files, format="parquet", filesystem=filesystem)
     table = dataset.to_table(filter=pads.field("id") == row_id)
     if table.num_rows == 0:
         raise InspectError(f"no row with id {row_id!r} in {folder}")
@@ -114,7 +117,7 @@ def row_lines(folder: Path, manifest: dict, row_id: str, positions: int) -> list
     return lines
 
 
-def inspect_lines(folder: Path, row_id: str | None = None, positions: int = 40) -> list[str]:
+def inspect_lines(folder: str | Path, row_id: str | None = None, positions: int = 40) -> list[str]:
     """What `fusion inspect` prints."""
     manifest = read_manifest(folder)
     lines = summary_lines(manifest)

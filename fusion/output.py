@@ -192,12 +192,18 @@ class OutputDir:
         return json.loads(_read(self.filesystem, path))
 
 
-def complete_manifest(folder: Path, error: type[FusionError], hint: str) -> dict:
-    """The manifest of a finished local data set; ``error`` says so with ``hint`` if missing."""
-    file = folder / MANIFEST
-    if not file.is_file():
+def join(folder: str, name: str) -> str:
+    """``name`` inside ``folder``, a local path or a URI."""
+    return f"{str(folder).rstrip('/')}/{name}"
+
+
+def complete_manifest(folder: str | Path, error: type[FusionError], hint: str) -> dict:
+    """The manifest of a finished data set (local or URI); ``error`` says so with ``hint``
+    if missing."""
+    manifest = OutputDir(str(folder)).manifest()
+    if manifest is None:
         raise error(f"{folder} holds no complete prepared data set (no {MANIFEST}): {hint}")
-    return json.loads(file.read_text())
+    return manifest
 
 
 def _column_bytes(metadata: pq.FileMetaData) -> dict[str, int]:

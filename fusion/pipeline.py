@@ -13,6 +13,7 @@ import hashlib
 import json
 import platform
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from fusion.models import (
     vocab_list,
 )
 from fusion.output import OutputDir, Progress
+from fusion.progress import Meter
 from fusion.rows import FUSED, TARGET, schema
 from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
 
@@ -78,7 +80,7 @@ def fingerprint(config: FusionConfig) -> str:
             )
             for s in config.sources
         ],
-        "data": config.data.model_dump(),
+        "data": config.data.model_dump(exclude={"block_chunks", "readers"}),
         "align": config.align.model_dump(exclude={"map_cache"}),
         "fuse": config.fuse.model_dump(),
     }
@@ -121,16 +123,46 @@ def build_bridges(config: FusionConfig) -> dict[str, VocabBridge]:
     return bridges
 
 
+def stage_actors(config: FusionConfig, shards: int | None = None) -> dict[str, int]:
+    """Actors of each CPU pool: ``read`` (chunking) and ``align:<source>`` per source.
+
+    Defaults follow the model pools: one reader per four model actors (at most one per
+    shard), one aligner per source actor; the config's ``readers`` / ``align_actors`` win.
+    """
+    model_actors = sum(s.actors for s in config.sources)
+    if config.target.as_teacher:
+        model_actors += config.target.actors
+    readers = config.data.readers or max(1, -(-model_actors // 4))
+    if shards is not None:
+        readers = max(1, min(readers, shards))
+    pools = {"read": readers}
+    for source in config.sources:
+        pools[f"align:{source.name}"] = source.align_actors or source.actors
+    return pools
+
+
+def cluster_demand(config: FusionConfig, *, shards: int | None = None) -> tuple[float, float]:
+    """CPUs and GPUs the prepare pipeline's actors reserve (its tasks: fusion, writing)."""
+    cpus = 2 * SMALL_CPU + SMALL_CPU * sum(stage_actors(config, shards).values())
+    cpus += sum(s.num_cpus * s.actors for s in config.sources)
+    gpus = sum(s.num_gpus * s.actors for s in config.sources)
+    if config.target.as_teacher:
+        cpus += config.target.num_cpus * config.target.actors
+        gpus += config.target.num_gpus * config.target.actors
+    return cpus, gpus
+
+
 def check_cluster(
-    config: FusionConfig, available: dict[str, float], *, also: tuple[float, float] = (0.0, 0.0)
+    config: FusionConfig,
+    available: dict[str, float],
+    *,
+    also: tuple[float, float] = (0.0, 0.0),
+    shards: int | None = None,
 ) -> None:
     """Refuse a config whose actors (plus ``also``: CPUs, GPUs of training workers) cannot
     all be placed: Ray would wait forever instead of failing."""
-    cpus = also[0] + 2 * SMALL_CPU + sum(SMALL_CPU + s.num_cpus * s.actors for s in config.sources)
-    gpus = also[1] + sum(s.num_gpus * s.actors for s in config.sources)
-    if config.target.as_teacher:
-        cpus += config.target.num_cpus
-        gpus += config.target.num_gpus
+    cpus, gpus = cluster_demand(config, shards=shards)
+    cpus, gpus = cpus + also[0], gpus + also[1]
     have_cpus, have_gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
     if gpus > have_gpus:
         raise ClusterError(
@@ -141,7 +173,7 @@ def check_cluster(
         raise ClusterError(
             f"the config's actors and workers need {cpus:g} CPUs but the cluster has "
             f"{have_cpus:g}; lower num_cpus / cpus_per_worker (fractions are allowed) or actors "
-            "per source, or add nodes"
+            "per source, data.readers or align_actors, or add nodes"
         )
 
 
@@ -149,7 +181,8 @@ def unused_gpus(config: FusionConfig, available: dict[str, float]) -> str | None
     """A note when the cluster has GPUs but the config gives none to any model or worker
     (the defaults run on CPUs: an unedited config would silently ignore the GPUs)."""
     gpus = available.get("GPU", 0.0)
-    asked = config.target.num_gpus + sum(s.num_gpus * s.actors for s in config.sources)
+    asked = config.target.num_gpus * config.target.actors
+    asked += sum(s.num_gpus * s.actors for s in config.sources)
     if config.train is not None and config.train.use_gpu:
         asked += config.train.num_workers
     if gpus <= 0 or asked > 0:
@@ -192,15 +225,8 @@ def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, s
 
     bridges = build_bridges(config)
     pool = ray.data.ActorPoolStrategy
-    descriptors = [
-        {
-            "index": s.index,
-            "path": s.path,
-            "format": s.format,
-            "row_group": s.row_group if s.row_group is not None else -1,
-        }
-        for s in shards
-    ]
+    actors = stage_actors(config, len(shards))
+    descriptors = [s.descriptor() for s in shards]
     dataset = ray.data.from_items(descriptors, override_num_blocks=len(shards)).map_batches(
         ChunkStage,
         fn_constructor_kwargs={
@@ -210,12 +236,12 @@ def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, s
             "bos": training_bos(config),
         },
         batch_size=1,
-        compute=pool(size=1),
+        compute=pool(size=actors["read"]),
         num_cpus=SMALL_CPU,
     )
-    models = [(TARGET, config.target, 1)] if config.target.as_teacher else []
+    models = [(TARGET, config.target, config.target.actors)] if config.target.as_teacher else []
     models += [(s.name, s, s.actors) for s in config.sources]
-    for name, model, actors in models:
+    for name, model, count in models:
         dataset = dataset.map_batches(
             ForwardStage,
             fn_constructor_kwargs={
@@ -227,7 +253,7 @@ def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, s
                 "mode": config.align.mode,
             },
             batch_size=model.batch_size,
-            compute=pool(size=actors),
+            compute=pool(size=count),
             num_cpus=model.num_cpus,
             num_gpus=model.num_gpus,
         )
@@ -239,7 +265,7 @@ def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, s
                     "bridge": bridges[name],
                     "align": config.align,
                 },
-                compute=pool(size=1),
+                compute=pool(size=actors[f"align:{name}"]),
                 num_cpus=SMALL_CPU,
             )
     return dataset.map_batches(
@@ -280,7 +306,7 @@ def prepare(
     if todo:
         ray = ensure_ray(config)
         ray.data.DataContext.get_current().enable_progress_bars = not quiet
-        check_cluster(config, ray.cluster_resources())
+        check_cluster(config, ray.cluster_resources(), shards=len(todo))
         if note := unused_gpus(config, ray.cluster_resources()):
             echo(note)
         done = {s: ids for s, ids in progress.done_ids.items() if s not in complete}
@@ -295,10 +321,12 @@ def prepare(
             batch_size=config.output.rows_per_file,
             num_cpus=SMALL_CPU,
         )
+        corpus = CorpusProgress(shards, progress)
         try:
             for part in dataset.iter_rows():
+                line = corpus.add(part)
                 if not quiet:
-                    echo(f"wrote {part['file']}: {part['rows']} rows, {part['tokens']} tokens")
+                    echo(line)
         except Exception as error:
             user_error = user_error_from(error)
             if user_error is None:
@@ -313,12 +341,61 @@ def prepare(
     ]
     if unfinished:
         raise RuntimeError(f"shards left incomplete after the run: {unfinished[:5]}")
+    if repeated := duplicate_ids(progress):
+        field = f"data.id_field {config.data.id_field!r}" if config.data.id_field else "id"
+        raise CorpusError(
+            f"{len(repeated)} chunk ids occur in several shards, e.g. {repeated[:3]}: two "
+            f"documents share the {field}; ids must be unique: fix the corpus (or unset "
+            "data.id_field) and prepare into a new output.dir"
+        )
     if not progress.parts:
         raise CorpusError(
             f"data.paths {config.data.paths} yield no chunk of two or more target tokens: the "
             "corpus is empty (or every document is)"
         )
     return finish(out, config, progress, shards, len(shards) - len(todo), started, resolved)
+
+
+class CorpusProgress:
+    """How much of the corpus is fused: each shard counts by its bytes times the share of
+    its chunks written (a shard's chunk count is known once a part of it is)."""
+
+    def __init__(self, shards: list[Shard], earlier: Progress):
+        self.sizes = {s.index: max(s.size, 1) for s in shards}
+        self.total = sum(self.sizes.values())
+        self.done = {s: len(ids) for s, ids in earlier.done_ids.items()}
+        self.chunks = dict(earlier.shard_totals)
+        self.rows = self.tokens = 0
+        self.meter = Meter(self.fraction())
+
+    def fraction(self) -> float:
+        done = sum(
+            self.sizes.get(s, 0) * min(1.0, self.done.get(s, 0) / total)
+            for s, total in self.chunks.items()
+            if total
+        )
+        return done / self.total
+
+    def add(self, part: dict) -> str:
+        """Count one written part (a row of the writing stage); return its progress line."""
+        for shard, (count, total) in json.loads(part["shards"]).items():
+            self.done[int(shard)] = self.done.get(int(shard), 0) + count
+            self.chunks[int(shard)] = total
+        self.rows += int(part["rows"])
+        self.tokens += int(part["tokens"])
+        rate = self.meter.line(self.fraction(), int(part["tokens"]))
+        return (
+            f"wrote {part['file']}: {part['rows']} rows · {self.rows:,} rows, {self.tokens:,} "
+            f"tokens this run · {rate}"
+        )
+
+
+def duplicate_ids(progress: Progress) -> list[str]:
+    """Row ids written more than once: documents of several shards sharing an id."""
+    counts = Counter(
+        row_id for part in progress.parts for ids in part["ids"].values() for row_id in ids
+    )
+    return sorted(row_id for row_id, count in counts.items() if count > 1)
 
 
 def summary_of(manifest: dict, output_dir: str, started: float) -> PrepareSummary:

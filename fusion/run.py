@@ -71,4 +71,4 @@ def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     )
     info = {"path": f"streamed from {config.data.paths}", "rows": None, "tokens": None}
     bos = training_bos(config)
-    return fit(config, dataset, rows=None, bos=bos, dataset_info=info, quiet=quiet)
+    return fit(config, dataset, bos=bos, dataset_info=info, quiet=quiet)

@@ -9,14 +9,17 @@ Callable classes hold what is expensive to build (tokenizers, models, vocabulary
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+
 import numpy as np
 
 from fusion.align import VocabBridge, dtw_align, offset_align
 from fusion.align.alignment import Alignment
 from fusion.backends.hf import HFTopK
-from fusion.chunking import chunk_document
+from fusion.chunking import Chunk, chunk_document
 from fusion.config import AlignConfig, DataConfig, FuseConfig, ModelConfig
-from fusion.corpus import Shard, read_documents
+from fusion.corpus import CorpusError, Shard, read_documents
 from fusion.diagnostics import teacher_counts
 from fusion.fuse import fuse_topk, topk_token_ce
 from fusion.models import model_tokenizer
@@ -40,7 +43,11 @@ def set_threads(num_cpus: float, threads: int | None = None) -> None:
 
 
 class ChunkStage:
-    """Reads shards and cuts their documents into chunks; skips chunks already written."""
+    """Reads shards and cuts their documents into chunks; skips chunks already written.
+
+    Yields blocks of at most ``data.block_chunks`` chunks, so a large shard (a long text, a
+    big JSONL range) reaches the models, the progress bar and the writer in pieces.
+    """
 
     def __init__(
         self,
@@ -54,38 +61,49 @@ class ChunkStage:
         self.done_ids = done_ids
         self.length = data.max_length - (bos is not None)  # training rows start with the BOS
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows: dict[str, list] = {k: [] for k in ("id", "domain", "text", "input_ids", "offsets")}
-        rows |= {"shard": [], "shard_total": []}
-        for index, path, kind, group in zip(
-            batch["index"], batch["path"], batch["format"], batch["row_group"], strict=True
-        ):
-            shard = Shard(int(index), str(path), str(kind), None if group < 0 else int(group))
-            chunks = [
-                chunk
-                for document in read_documents(shard, self.data)
-                for chunk in chunk_document(document, self.tokenizer, self.length)
-            ]
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        # Read and chunk here, not in the generator: an error raised while Ray Data iterates
+        # a generator escapes its user-error wrapping and prints Ray's internal traceback.
+        blocks = []
+        for row in range(len(batch["index"])):
+            shard = Shard.from_descriptor({k: v[row] for k, v in batch.items()})
+            chunks = self._chunks(shard)
             done = self.done_ids.get(shard.index, set())
-            for chunk in chunks:
-                if chunk.chunk_id in done:
-                    continue
-                rows["id"].append(chunk.chunk_id)
-                rows["domain"].append(chunk.domain)
-                rows["text"].append(chunk.text)
-                rows["input_ids"].append(chunk.input_ids)
-                rows["offsets"].append(chunk.offsets)
-                rows["shard"].append(shard.index)
-                rows["shard_total"].append(len(chunks))
-        return {
-            "id": np.asarray(rows["id"], dtype=object),
-            "domain": object_array(rows["domain"]),
-            "text": np.asarray(rows["text"], dtype=object),
-            "input_ids": object_array(rows["input_ids"]),
-            "offsets": object_array(rows["offsets"]),
-            "shard": np.asarray(rows["shard"], dtype=np.int64),
-            "shard_total": np.asarray(rows["shard_total"], dtype=np.int64),
-        }
+            todo = [chunk for chunk in chunks if chunk.chunk_id not in done]
+            size = self.data.block_chunks
+            blocks += [
+                _chunk_block(todo[start : start + size], shard, len(chunks))
+                for start in range(0, len(todo), size)
+            ]
+        return (block for block in blocks)
+
+    def _chunks(self, shard: Shard) -> list[Chunk]:
+        """Every chunk of the shard; a document id seen twice is an error naming it."""
+        chunks, seen = [], set()
+        for document in read_documents(shard, self.data):
+            if document.doc_id in seen:
+                field = f"data.id_field {self.data.id_field!r}" if self.data.id_field else "id"
+                raise CorpusError(
+                    f"{shard.name}: two documents have the {field} {document.doc_id!r}; ids "
+                    "must be unique (they are how a re-run knows what is done): fix the "
+                    "corpus, or unset data.id_field to number documents by file and line"
+                )
+            seen.add(document.doc_id)
+            chunks.extend(chunk_document(document, self.tokenizer, self.length))
+        return chunks
+
+
+def _chunk_block(chunks: list[Chunk], shard: Shard, total: int) -> dict[str, np.ndarray]:
+    """Rows of the reading stage for ``chunks`` of ``shard`` (which has ``total`` chunks)."""
+    return {
+        "id": np.asarray([c.chunk_id for c in chunks], dtype=object),
+        "domain": object_array([c.domain for c in chunks]),
+        "text": np.asarray([c.text for c in chunks], dtype=object),
+        "input_ids": object_array([c.input_ids for c in chunks]),
+        "offsets": object_array([c.offsets for c in chunks]),
+        "shard": np.full(len(chunks), shard.index, dtype=np.int64),
+        "shard_total": np.full(len(chunks), total, dtype=np.int64),
+    }
 
 
 class ForwardStage:
@@ -110,6 +128,8 @@ class ForwardStage:
         backend = HFTopK
         if getattr(model, "backend", "hf") == "vllm":
             from fusion.backends.vllm import VLLMTopK as backend
+        elif getattr(model, "backend", "hf") == "simulated":
+            from fusion.backends.simulated import SimulatedTopK as backend
         read_bos = mode == "clean"  # the reference reads without BOS
         self.reader = backend(model, self.field, num_gpus=num_gpus, top_k=top_k, read_bos=read_bos)
 
@@ -258,8 +278,10 @@ def write_batch(
     shards = [int(s) for s in batch["shard"]]
     totals = {int(s): int(t) for s, t in zip(batch["shard"], batch["shard_total"], strict=True)}
     sidecar = OutputDir(out_dir).write_part(table, shards, totals, teacher_counts=counts)
+    written = {s: [len(ids), totals[int(s)]] for s, ids in sidecar["ids"].items()}
     return {
         "file": np.asarray([sidecar["file"]], dtype=object),
         "rows": np.asarray([sidecar["rows"]]),
         "tokens": np.asarray([sidecar["tokens"]]),
+        "shards": np.asarray([json.dumps(written)], dtype=object),
     }

@@ -13,19 +13,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fusion.batches import own_column, teacher_columns
-from fusion.config import FusionConfig, TrainConfig
+from fusion.config import ConfigError, FusionConfig, TrainConfig
+from fusion.corpus import open_filesystem
 from fusion.errors import FusionError, user_error_from
 from fusion.models import model_tokenizer, vocab_fingerprint
-from fusion.output import complete_manifest
+from fusion.output import complete_manifest, join
 from fusion.pipeline import ClusterError, ensure_ray, unused_gpus
 from fusion.train_loop import total_steps, train_loop_per_worker
 
 RUN_NAME = "fusion-train"
 STRICT_DEVICE = "FUSION_STRICT_DEVICE"  # "1": workers refuse collectives off their device
-_READ_CPU = 0.25  # reservation of the Parquet read tasks feeding the workers
 
 
 class DatasetMismatchError(FusionError):
@@ -46,13 +47,22 @@ def train_settings(run: FusionConfig) -> TrainConfig:
     return run.train if run.train is not None else TrainConfig()
 
 
-def data_dir(run: FusionConfig) -> Path:
-    return Path(train_settings(run).data or run.output.dir)
+def data_dir(run: FusionConfig) -> str:
+    """The prepared data set: a URI, or a local folder made absolute (workers run elsewhere)."""
+    folder = train_settings(run).data or run.output.dir
+    return folder.rstrip("/") if "://" in folder else str(Path(folder).resolve())
 
 
 def storage_dir(run: FusionConfig) -> Path:
     train = train_settings(run)
-    return Path(train.storage_path) if train.storage_path else data_dir(run) / "train"
+    if train.storage_path:
+        return Path(train.storage_path)
+    if "://" in data_dir(run):
+        raise ConfigError(
+            f"train.storage_path: required when the data set is at a URI ({data_dir(run)}); "
+            "name a local or shared folder for checkpoints, metrics and the export"
+        )
+    return Path(data_dir(run)) / "train"
 
 
 def check_dataset(run: FusionConfig) -> dict:
@@ -70,24 +80,33 @@ def check_dataset(run: FusionConfig) -> dict:
             f"{manifest.get('target_vocab')}, this target's {vocab_fingerprint(target)}): its "
             "token ids would mean other tokens"
         )
-    files = [folder / f["file"] for f in manifest["files"]]
-    missing_files = [str(f) for f in files if not f.is_file()]
+    filesystem, root = open_filesystem(folder)
+    files = [join(root, f["file"]) for f in manifest["files"]]
+    infos = filesystem.get_file_info(files)
+    missing_files = [
+        join(folder, f["file"])
+        for f, i in zip(manifest["files"], infos, strict=True)
+        if i.type != pafs.FileType.File
+    ]
     if missing_files:
         raise DatasetMismatchError(f"files listed in the manifest are missing: {missing_files[:3]}")
-    for entry, file in zip(manifest["files"], files, strict=True):
-        verify_file(file, entry, train_settings(run).verify_data)
-    schema = pq.read_schema(files[0])
+    how = train_settings(run).verify_data
+    for entry, info in zip(manifest["files"], infos, strict=True):
+        verify_file(filesystem, info, entry, how, join(folder, entry["file"]))
+    with filesystem.open_input_file(files[0]) as stream:
+        schema = pq.read_schema(stream)
+    first = Path(files[0])
     needed = teacher_columns(teacher)
     absent = [c for c in needed if c not in schema.names]
     if absent == [own_column(teacher)]:
         raise DatasetMismatchError(
-            f"{files[0].name} lacks the column {absent[0]!r} that marks the teacher's fallback "
+            f"{first.name} lacks the column {absent[0]!r} that marks the teacher's fallback "
             "positions: it was prepared by an older fusion; re-run `fusion prepare`"
         )
     if absent:
         teachers = sorted({n.split(".")[0] for n in schema.names if n.endswith(".topk_ids")})
         raise DatasetMismatchError(
-            f"{files[0].name} lacks columns {absent}; train.teacher must be one of {teachers}"
+            f"{first.name} lacks columns {absent}; train.teacher must be one of {teachers}"
         )
     k = schema.field(f"{teacher}.topk_ids").type.value_type.list_size
     if k != manifest.get("top_k"):
@@ -97,30 +116,29 @@ def check_dataset(run: FusionConfig) -> dict:
     return manifest
 
 
-def verify_file(file: Path, entry: dict, how: str) -> None:
+def verify_file(
+    filesystem: pafs.FileSystem, info: pafs.FileInfo, entry: dict, how: str, name: str
+) -> None:
     """Refuse a teacher file whose size or SHA-256 differs from its manifest entry."""
-    size = file.stat().st_size
-    if size != entry["bytes"]:
+    if info.size != entry["bytes"]:
         raise DatasetMismatchError(
-            f"{file} has {size:,} bytes but the manifest says {entry['bytes']:,}: the file was "
-            "truncated or replaced; re-run `fusion prepare` into a new output.dir"
+            f"{name} has {info.size:,} bytes but the manifest says {entry['bytes']:,}: the file "
+            "was truncated or replaced; re-run `fusion prepare` into a new output.dir"
         )
     if how == "sha256":
         digest = hashlib.sha256()
-        with file.open("rb") as stream:
+        with filesystem.open_input_stream(info.path) as stream:
             while block := stream.read(1 << 22):
                 digest.update(block)
         if digest.hexdigest() != entry["sha256"]:
             raise DatasetMismatchError(
-                f"{file}: its SHA-256 differs from the manifest's: the file is corrupted; "
+                f"{name}: its SHA-256 differs from the manifest's: the file is corrupted; "
                 "re-run `fusion prepare` into a new output.dir"
             )
 
 
 def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     """Train the target on the prepared data; return where the HF export went."""
-    import ray.data
-
     train = train_settings(run)
     run = run.model_copy(update={"train": train})
     manifest = check_dataset(run)
@@ -130,30 +148,27 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     if note := unused_gpus(run, ray.cluster_resources()):
         print(note, file=sys.stderr)
     folder = data_dir(run)
-    dataset = ray.data.read_parquet(
-        [str(folder / f["file"]) for f in manifest["files"]], num_cpus=_READ_CPU
-    ).select_columns(teacher_columns(train.teacher))
-    info = {"path": str(folder), "rows": manifest["rows"], "tokens": manifest["tokens"]}
+    files = [{"path": join(folder, f["file"]), "rows": f["rows"]} for f in manifest["files"]]
+    info = {"path": folder, "rows": manifest["rows"], "tokens": manifest["tokens"]}
     bos = manifest.get("target_bos")  # absent from data sets read without a target BOS
-    return fit(run, dataset, rows=manifest["rows"], bos=bos, dataset_info=info, quiet=quiet)
+    return fit(run, files, bos=bos, dataset_info=info, quiet=quiet)
 
 
 def fit(
     run: FusionConfig,
-    dataset,
+    data,
     *,
-    rows: int | None,
     bos: int | None,
     dataset_info: dict,
     quiet: bool,
 ) -> TrainSummary:
-    """Run the TorchTrainer over ``dataset``; ``rows=None`` means a streamed, split dataset;
-    ``bos`` starts every training row when the target reads its text after one.
+    """Run the TorchTrainer; ``bos`` starts every training row when the target reads its
+    text after one.
 
-    A materialised data set (``rows`` known) is read whole by every worker in file order,
-    each keeping its own rows of each global micro-batch: a deterministic order is what makes
-    resuming exact. A streamed one arrives in corpus order and is split between the workers
-    as they ask for rows.
+    ``data`` is a materialised data set's files (``path``, ``rows``), of which every worker
+    reads only its own share in an order fixed by seed and epoch (fusion.share: resuming is
+    exact and starts reading at its position), or a streamed Ray Dataset, which arrives in
+    corpus order and is split between the workers as they ask for rows.
     """
     import ray.data
     import ray.train
@@ -169,12 +184,14 @@ def fit(
         )
     storage.mkdir(parents=True, exist_ok=True)
     export_dir = storage / "export"
-    streamed = rows is None
+    streamed = not isinstance(data, list)
+    rows = None if streamed else sum(f["rows"] for f in data)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "run": run.model_dump(mode="json"),
             "rows": rows,
+            "files": None if streamed else data,
             "bos": bos,
             "strict_device": os.environ.get(STRICT_DEVICE) == "1",
             "storage": str(storage),
@@ -194,9 +211,9 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),
-        datasets={"train": dataset},
+        datasets={"train": data} if streamed else {},
         dataset_config=ray.train.DataConfig(
-            datasets_to_split="all" if streamed else [],
+            datasets_to_split="all",
             # In order, so a streamed run read by one worker resumes exactly (see run.py).
             execution_options=ray.data.ExecutionOptions(preserve_order=True),
         ),
@@ -219,17 +236,12 @@ def fit(
 
 
 def check_training_resources(train: TrainConfig, available: dict[str, float]) -> None:
-    """Refuse workers that cannot all be placed, leaving room for their read tasks.
-
-    Every worker reads the materialised data set itself (that keeps the order exact), so each
-    needs a read task of its own running beside it.
-    """
-    cpus = train.num_workers * (train.cpus_per_worker + _READ_CPU)
+    """Refuse workers that cannot all be placed (Ray would wait for them forever)."""
+    cpus = train.num_workers * train.cpus_per_worker
     if cpus > available.get("CPU", 0.0) + 1e-9:
         raise ClusterError(
-            f"{train.num_workers} training workers × ({train.cpus_per_worker:g} CPUs plus "
-            f"{_READ_CPU:g} for the worker's data reader) need {cpus:g} CPUs but the cluster "
-            f"has {available.get('CPU', 0):g}; "
+            f"{train.num_workers} training workers × {train.cpus_per_worker:g} CPUs need "
+            f"{cpus:g} CPUs but the cluster has {available.get('CPU', 0):g}; "
             "lower train.cpus_per_worker (fractions are allowed) or train.num_workers"
         )
     if train.use_gpu and train.num_workers > available.get("GPU", 0.0):

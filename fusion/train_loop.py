@@ -1,22 +1,21 @@
 """What every Ray Train worker runs: the target, its optimizer, the data shard and the loss.
 
-DeepSpeed (ZeRO 0–3) or DDP step the same objective. The data order is deterministic: every
-worker reads the whole materialised data set in file order, shuffled locally with a per-epoch
-seed, and takes every ``world``-th row of each global micro-batch. A checkpoint stores the
-engine state and the position in that order, so a resumed run sees exactly the batches an
-uninterrupted one would have.
+DeepSpeed (ZeRO 0–3) or DDP step the same objective. The data order is deterministic: each
+worker reads only its own share of the materialised data set, in an order drawn from seed and
+epoch (fusion.share). A checkpoint stores the engine state and the position in that order, so
+a resumed run starts reading there and sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fusion.config import FusionConfig, TrainConfig
@@ -297,7 +296,8 @@ def _train(loop_config: dict) -> None:
     import ray.data
     import ray.train
 
-    from fusion.batches import collate  # pyarrow: not needed by the engine itself
+    from fusion.batches import collate, teacher_columns  # pyarrow: not needed by the engine
+    from fusion.share import DataFile, WorkerShare
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the step lines report
     run = FusionConfig.model_validate(loop_config["run"])
@@ -308,6 +308,7 @@ def _train(loop_config: dict) -> None:
     if not train.use_gpu:  # a CPU worker computes with as many threads as CPUs it reserved
         torch.set_num_threads(train.cpu_threads or max(1, int(train.cpus_per_worker)))
     total = total_steps(train, loop_config["rows"])
+    files = [DataFile(f["path"], f["rows"]) for f in loop_config["files"] or []]
     engine = Engine(run, total)
     progress = Progress()
     checkpoint = ray.train.get_checkpoint()
@@ -322,36 +323,35 @@ def _train(loop_config: dict) -> None:
         if rank == 0:
             with metrics_file.open("a") as stream:
                 stream.write(json.dumps(start) + "\n")
-    shard = ray.train.get_dataset_shard("train")
     streamed = loop_config["rows"] is None
     bos = loop_config["bos"]  # the target reads (and so trains on) its text after this BOS
-    # Materialised: every worker reads every row and keeps its own of each global micro-batch.
-    # Streamed: the workers' shards are already split, each micro-batch is all this worker's.
-    rows_per_micro = train.micro_batch_size * (1 if streamed else world)
+    micro = train.micro_batch_size
     usable_micro = (
         float("inf")
         if streamed
-        else (loop_config["rows"] // rows_per_micro) // train.accumulation * train.accumulation
+        else (loop_config["rows"] // (micro * world)) // train.accumulation * train.accumulation
     )
-    window, step_tokens = _Window(), 0
+    columns = teacher_columns(train.teacher)
+    window, step_tokens, rows_read = _Window(), 0, 0
     tick = time.perf_counter()
 
     for epoch in range(progress.epoch, train.epochs):
         if progress.step >= total:
             break
-        batches = shard.iter_batches(
-            batch_size=rows_per_micro,
-            batch_format="pyarrow",
-            drop_last=True,
-            local_shuffle_buffer_size=None if streamed else max(rows_per_micro * 8, 256),
-            local_shuffle_seed=None if streamed else train.seed + epoch,
-        )
-        for index, table in enumerate(batches):
-            if index < progress.micro_in_epoch:
-                continue  # consumed before the checkpoint we resumed from
+        if streamed:  # already split between the workers, in corpus order
+            batches = ray.train.get_dataset_shard("train").iter_batches(
+                batch_size=micro, batch_format="pyarrow", drop_last=True
+            )
+            batches = itertools.islice(batches, progress.micro_in_epoch, None)
+        else:  # this worker's share only, from its recorded position on
+            share = WorkerShare(files, rank=rank, world=world, seed=train.seed)
+            batches = share.batches(
+                epoch, micro, skip=progress.micro_in_epoch * micro, columns=columns
+            )
+        for index, mine in enumerate(batches, start=progress.micro_in_epoch):
             if index >= usable_micro or progress.step >= total:
                 break
-            mine = table if streamed else table.take(np.arange(rank, len(table), world))
+            rows_read += len(mine)
             batch = {
                 k: v.to(engine.device)
                 for k, v in collate(
@@ -407,8 +407,9 @@ def _train(loop_config: dict) -> None:
             tick = time.perf_counter()
         progress.epoch, progress.micro_in_epoch = epoch + 1, 0
 
+    rows_read = engine.sum_over_workers(rows_read)  # by every worker, in this run
     if rank == 0 or (train.strategy == "deepspeed" and train.zero_stage == 3):
-        _export(engine, run, progress, loop_config, rank)
+        _export(engine, run, progress, loop_config, rank, rows_read)
 
 
 def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -432,12 +433,21 @@ def _report_with_checkpoint(engine: Engine, progress: Progress, metrics: dict, r
 
 
 def _export(
-    engine: Engine, run: FusionConfig, progress: Progress, loop_config: dict, rank: int
+    engine: Engine,
+    run: FusionConfig,
+    progress: Progress,
+    loop_config: dict,
+    rank: int,
+    rows_read: int,
 ) -> None:
     from fusion.export import export_model
 
     with engine.full_weights() as module:
         if rank == 0:
             export_model(
-                module, run, progress, Path(loop_config["export_dir"]), loop_config["dataset"]
+                module,
+                run,
+                progress,
+                Path(loop_config["export_dir"]),
+                loop_config["dataset"] | {"rows_read_this_run": rows_read},
             )

@@ -92,3 +92,78 @@ def test_empty_and_one_token_documents_give_no_chunk(metaspace_tokenizer):
     assert chunk_document(Document("e", "", None), metaspace_tokenizer, 64) == []
     one = chunk_document(Document("o", "a", None), metaspace_tokenizer, 64)
     assert len(one) == 1 and len(one[0].input_ids) == 2  # the token and EOS: one prediction
+
+
+def test_uri_globs_expand_through_the_filesystem_listing(tmp_path):
+    (tmp_path / "2024" / "deep").mkdir(parents=True)
+    for name in ("2024/a.parquet", "2024/b.parquet", "2024/deep/c.parquet", "2024/notes.txt"):
+        pq.write_table(pa.table({"text": [name]}), tmp_path / name)
+    uri = f"file://{tmp_path}"
+    one_level = plan_shards(DataConfig(paths=[f"{uri}/2024/*.parquet"]))
+    assert [s.path for s in one_level] == [f"{uri}/2024/a.parquet", f"{uri}/2024/b.parquet"]
+    recursive = plan_shards(DataConfig(paths=[f"{uri}/**/*.parquet"]))
+    assert [s.path.removeprefix(uri) for s in recursive] == [
+        "/2024/a.parquet",
+        "/2024/b.parquet",
+        "/2024/deep/c.parquet",
+    ]
+    data = DataConfig(paths=[f"{uri}/20[0-9][0-9]/[ab].parquet"])
+    assert [d.text for s in plan_shards(data) for d in read_documents(s, data)] == [
+        "2024/a.parquet",
+        "2024/b.parquet",
+    ]
+    with pytest.raises(CorpusError, match=r"'file://.*/2025/\*\.parquet' matches no file"):
+        plan_shards(DataConfig(paths=[f"{uri}/2025/*.parquet"]))
+
+
+def test_compressed_corpora_are_read_whole_and_named_by_their_inner_extension(tmp_path):
+    import gzip
+
+    lines = [json.dumps({"text": t}) for t in ("première ligne", "second\nline", "三")]
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
+    with pa.CompressedOutputStream(str(tmp_path / "b.txt.zst"), "zstd") as stream:
+        stream.write("a whole\nfile ✓".encode())
+    data = DataConfig(paths=[str(tmp_path)], shard_mb=1e-6)  # compressed files never split
+    shards = plan_shards(data)
+    assert [(s.format, s.end) for s in shards] == [("jsonl", None), ("text", None)]
+    texts = [d.text for s in shards for d in read_documents(s, data)]
+    assert texts == ["première ligne", "second\nline", "三", "a whole\nfile ✓"]
+
+
+def _write_lines(path, records: list[str]) -> bytes:
+    raw = "".join(records).encode("utf-8")
+    path.write_bytes(raw)
+    return raw
+
+
+@pytest.mark.parametrize("shard_bytes", [1, 7, 40, 41, 97, 10_000])
+def test_byte_range_shards_read_every_line_once_in_order(tmp_path, shard_bytes):
+    records = [
+        json.dumps({"text": "ascii"}) + "\n",
+        "\n",  # an empty line
+        json.dumps({"text": "café ✓ 三"}, ensure_ascii=False) + "\r\n",
+        json.dumps({"text": "  "}) + "\n",  # whitespace-only text is a document
+        json.dumps({"text": "a\nnewline inside"}) + "\n",
+        json.dumps({"text": "no final newline"}),
+    ]
+    raw = _write_lines(tmp_path / "big.jsonl", records)
+    data = DataConfig(paths=[str(tmp_path / "big.jsonl")], shard_mb=shard_bytes / (1 << 20))
+    shards = plan_shards(data)
+    assert sum(s.size for s in shards) == len(raw)
+    documents = [d for s in shards for d in read_documents(s, data)]
+    expected = [json.loads(line)["text"] for line in raw.decode().split("\n") if line.strip()]
+    assert [d.text for d in documents] == expected
+    ids = [d.doc_id for d in documents]
+    assert len(set(ids)) == len(ids)
+    if len(shards) > 1:  # ids name each line's first byte
+        starts = [0] + [i + 1 for i, b in enumerate(raw) if b == ord("\n")]
+        non_empty = [s for s in starts if raw[s:].split(b"\n", 1)[0].strip()]
+        assert ids == [f"{tmp_path}/big.jsonl@{s}" for s in non_empty]
+
+
+def test_a_bad_line_in_a_byte_range_is_named_by_its_byte_offset(tmp_path):
+    lines = ['{"text": "ok"}\n', "not json\n", '{"text": "ok"}\n']
+    raw = _write_lines(tmp_path / "big.jsonl", lines)
+    data = DataConfig(paths=[str(tmp_path / "big.jsonl")], shard_mb=10 / (1 << 20))
+    with pytest.raises(CorpusError, match=rf"big\.jsonl:byte {raw.index(b'not')}: not valid JSON"):
+        [d for s in plan_shards(data) for d in read_documents(s, data)]

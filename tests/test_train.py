@@ -72,6 +72,9 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(zero2_run, strate
         yaml.safe_load((export / "fusion-config.yaml").read_text())["train"]["strategy"] == strategy
     )
     assert (export / "tokenizer.json").is_file()
+    # Two workers each read only their own rows: 12 steps of 8 rows, 96 rows in all.
+    read = json.loads((export / "training_summary.json").read_text())["dataset"]
+    assert read["rows_read_this_run"] == 12 * 8
 
 
 def test_killed_training_resumes_to_the_same_weights(zero2_run, tmp_path):
@@ -90,6 +93,10 @@ def test_killed_training_resumes_to_the_same_weights(zero2_run, tmp_path):
     ]
     assert set(steps) == set(range(1, 13))  # every step logged, across the two runs
     assert steps.count(1) == 1  # the second run continued from a checkpoint, not from scratch
+    # ... and started reading at its position: only the rows of the steps after the checkpoint.
+    summary = json.loads((Path(resumed.export_dir) / "training_summary.json").read_text())
+    read = summary["dataset"]["rows_read_this_run"]
+    assert read % 24 == 0 and 0 < read < 12 * 8, read  # (12 - a multiple of 3 steps) × 8 rows
     expected, got = _weights(Path(uninterrupted.export_dir)), _weights(Path(resumed.export_dir))
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
