@@ -110,6 +110,7 @@ def eval_command(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Also write the results as JSON here.")
     ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
     """Bits per byte and perplexity of local models on held-out corpora, per domain and average."""
     import json
@@ -144,6 +145,7 @@ def eval_command(
             batch_size=batch_size,
             device=device,
             dtype=dtype,
+            echo=None if quiet else lambda line: typer.echo(line, err=True),
         )
     except FusionError as error:
         raise _fail(error) from None

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from fusion.chunking import encode
 from fusion.config import FusionConfig, ModelConfig
-from fusion.corpus import Shard, open_filesystem, plan_shards, read_documents
+from fusion.corpus import Shard, compression_of, open_filesystem, plan_shards, read_documents
 from fusion.gguf_header import read_gguf_header
 from fusion.models import gguf_file_in, model_config_values, model_tokenizer
 
@@ -89,16 +89,18 @@ def _size(shard: Shard, text_field: str) -> int:
             for c in range(group.num_columns)
             if group.column(c).path_in_schema == text_field
         )
-    filesystem, inner = open_filesystem(shard.path)
-    size = filesystem.get_file_info(inner).size
+    size = shard.size  # its byte range of a split JSONL file; compressed bytes if compressed
     if shard.format == "jsonl":
-        size = int(size * _jsonl_text_fraction(filesystem, inner, text_field))
+        filesystem, inner = open_filesystem(shard.path)
+        size = int(size * _jsonl_text_fraction(filesystem, inner, text_field, shard.path))
     return size
 
 
-def _jsonl_text_fraction(filesystem: pafs.FileSystem, path: str, text_field: str) -> float:
+def _jsonl_text_fraction(
+    filesystem: pafs.FileSystem, path: str, text_field: str, name: str
+) -> float:
     """Share of a JSONL file's bytes that is document text, measured on its first lines."""
-    with filesystem.open_input_stream(path) as stream:
+    with filesystem.open_input_stream(path, compression=compression_of(name)) as stream:
         head = stream.read(_SAMPLE_BYTES)
     lines = head.split(b"\n")[:-1] or [head]
     text = line_bytes = 0

@@ -11,7 +11,8 @@ unweighted mean, so a large domain does not drown a small one.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from fusion.corpus import plan_shards, read_documents
 from fusion.errors import FusionError
 from fusion.head import ChunkedHead
 from fusion.models import load_causal_lm, model_tokenizer, vocab_fingerprint
+from fusion.progress import Meter
 
 
 class EvalError(FusionError):
@@ -79,8 +81,10 @@ def score(
     *,
     max_length: int = 1024,
     batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Score:
-    """Score ``texts`` with one model, or an ensemble averaging the models' probabilities."""
+    """Score ``texts`` with one model, or an ensemble averaging the models' probabilities;
+    ``on_batch`` hears the tokens of every batch scored."""
     device = next(models[0].parameters()).device
     heads = [ChunkedHead(model, masked=None) for model in models]
     pieces = sorted(windows(tokenizer, texts, max_length), key=len)
@@ -102,6 +106,8 @@ def score(
         real = mask[:, 1:].bool()
         nll -= float(log_probs[real].double().sum())
         tokens += int(real.sum())
+        if on_batch is not None:
+            on_batch(int(real.sum()))
     size = sum(len(text.encode("utf-8")) for text in texts)
     return Score(nll=nll, tokens=tokens, bytes=size)
 
@@ -120,8 +126,10 @@ def evaluate(
     batch_size: int = 8,
     device: str = "cpu",
     dtype: str = "auto",
+    echo: Callable[[str], None] | None = None,
 ) -> dict[str, dict]:
-    """Per named model (one folder) or ensemble (several sharing a vocabulary): bpb and ppl.
+    """Per named model (one folder) or ensemble (several sharing a vocabulary): bpb and ppl;
+    ``echo`` hears a progress line (tokens, rate, time left) every few seconds per model.
 
     Returns ``{name: {"bpb": {domain: float}, "perplexity": {domain: float},
     "avg_bpb": float}}``.
@@ -145,14 +153,45 @@ def evaluate(
                 f"must share one vocabulary; {list(folders)} do not"
             )
         models = [model for model, _ in loaded]
+        report = _Reporter(name, tokenizer, texts, max_length, echo)
         scores = {
             domain: score(
-                models, tokenizer, domain_texts, max_length=max_length, batch_size=batch_size
+                models,
+                tokenizer,
+                domain_texts,
+                max_length=max_length,
+                batch_size=batch_size,
+                on_batch=report,
             )
             for domain, domain_texts in texts.items()
         }
+        report.finish()
         results[name] = summarise(scores)
     return results
+
+
+class _Reporter:
+    """Progress of one model's scoring: a line every few seconds and one at the end."""
+
+    EVERY = 5.0  # seconds between lines
+
+    def __init__(self, name, tokenizer, texts, max_length, echo):
+        self.name, self.echo = name, echo
+        every = [w for t in texts.values() for w in windows(tokenizer, t, max_length)]
+        self.total = sum(len(window) - 1 for window in every) if echo else 0
+        self.done, self.meter, self.last = 0, Meter(), time.perf_counter()
+
+    def __call__(self, tokens: int) -> None:
+        self.done += tokens
+        if self.echo and time.perf_counter() - self.last >= self.EVERY:
+            self.finish()
+
+    def finish(self) -> None:
+        if not self.echo:
+            return
+        self.last = time.perf_counter()
+        rate = self.meter.line(self.done / max(self.total, 1), self.done - self.meter.count)
+        self.echo(f"{self.name}: {self.done:,}/{self.total:,} tokens · {rate}")
 
 
 def summarise(scores: Mapping[str, Score]) -> dict:

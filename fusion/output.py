@@ -193,8 +193,10 @@ class OutputDir:
 
 
 def join(folder: str, name: str) -> str:
-    """``name`` inside ``folder``, a local path or a URI."""
-    return f"{str(folder).rstrip('/')}/{name}"
+    """``name`` inside ``folder``, a local path or a URI (whose query, if any, stays last)."""
+    folder = str(folder)
+    base, mark, query = folder.partition("?") if "://" in folder else (folder, "", "")
+    return f"{base.rstrip('/')}/{name}{mark}{query}"
 
 
 def complete_manifest(folder: str | Path, error: type[FusionError], hint: str) -> dict:

@@ -152,29 +152,70 @@ def cluster_demand(config: FusionConfig, *, shards: int | None = None) -> tuple[
     return cpus, gpus
 
 
+def cluster_maximum() -> dict[str, float] | None:
+    """What an autoscaling cluster can grow to (its node groups' max counts × resources, as
+    the autoscaler publishes them); None for a fixed cluster. Ray Train reads the same."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # an older or newer Ray without it: treat the cluster as fixed
+        return None
+
+
+def fits(
+    what: str,
+    cpus: float,
+    gpus: float,
+    available: dict[str, float],
+    maximum: dict[str, float] | None,
+    hint: str,
+) -> str | None:
+    """Refuse a demand the cluster can never meet; return a note when it can only after the
+    autoscaler adds nodes (Ray waits for them), else None."""
+    have = {"CPU": available.get("CPU", 0.0), "GPU": available.get("GPU", 0.0)}
+    need = {"CPU": cpus, "GPU": gpus}
+    short = [r for r in ("GPU", "CPU") if need[r] > have[r] + 1e-9]
+    if not short:
+        return None
+    if maximum is not None:
+        never = [r for r in short if need[r] > maximum.get(r, 0) + 1e-9]
+        if not never:
+            wants = ", ".join(f"{need[r]:g} {r}s (it has {have[r]:g} now)" for r in short)
+            return f"waiting for the autoscaler: {what} need {wants}"
+        resource = never[0]
+        raise ClusterError(
+            f"{what} need {need[resource]:g} {resource}s but the cluster can grow to at most "
+            f"{maximum.get(resource, 0):g} (its node groups' max counts); {hint}"
+        )
+    resource = short[0]
+    raise ClusterError(
+        f"{what} need {need[resource]:g} {resource}s but the cluster has {have[resource]:g} "
+        f"and does not autoscale; {hint}"
+    )
+
+
 def check_cluster(
     config: FusionConfig,
     available: dict[str, float],
     *,
     also: tuple[float, float] = (0.0, 0.0),
     shards: int | None = None,
-) -> None:
-    """Refuse a config whose actors (plus ``also``: CPUs, GPUs of training workers) cannot
-    all be placed: Ray would wait forever instead of failing."""
+    maximum: dict[str, float] | None = None,
+) -> str | None:
+    """Refuse a config whose actors (plus ``also``: CPUs, GPUs of training workers) can
+    never all be placed (Ray would wait forever instead of failing); a note when they fit
+    only once an autoscaling cluster (``maximum``: what it can grow to) has grown."""
     cpus, gpus = cluster_demand(config, shards=shards)
-    cpus, gpus = cpus + also[0], gpus + also[1]
-    have_cpus, have_gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
-    if gpus > have_gpus:
-        raise ClusterError(
-            f"the config asks for {gpus:g} GPUs (model actors and training workers) but "
-            f"the cluster has {have_gpus:g}; lower num_gpus or add GPU nodes"
-        )
-    if cpus > have_cpus + 1e-9:
-        raise ClusterError(
-            f"the config's actors and workers need {cpus:g} CPUs but the cluster has "
-            f"{have_cpus:g}; lower num_cpus / cpus_per_worker (fractions are allowed) or actors "
-            "per source, data.readers or align_actors, or add nodes"
-        )
+    return fits(
+        "the config's model actors, CPU stages and training workers",
+        cpus + also[0],
+        gpus + also[1],
+        available,
+        maximum,
+        "lower num_gpus / num_cpus (fractions are allowed), actors per source, data.readers, "
+        "align_actors or train.cpus_per_worker, or add nodes",
+    )
 
 
 def unused_gpus(config: FusionConfig, available: dict[str, float]) -> str | None:
@@ -219,8 +260,14 @@ def ensure_ray(config: FusionConfig):
     return ray
 
 
-def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, set[str]]):
-    """The lazy Ray Dataset of fused teacher rows for ``shards`` (rows in ``done`` skipped)."""
+def teacher_dataset(
+    config: FusionConfig,
+    shards: list[Shard],
+    done: dict[int, set[str]],
+    skip: dict[int, int] | None = None,
+):
+    """The lazy Ray Dataset of fused teacher rows for ``shards`` (rows in ``done`` skipped,
+    and the first ``skip[shard]`` chunks of a shard: where a resumed stream starts)."""
     import ray
 
     bridges = build_bridges(config)
@@ -234,6 +281,7 @@ def teacher_dataset(config: FusionConfig, shards: list[Shard], done: dict[int, s
             "data": config.data,
             "done_ids": done,
             "bos": training_bos(config),
+            "skip": skip,
         },
         batch_size=1,
         compute=pool(size=actors["read"]),
@@ -306,7 +354,10 @@ def prepare(
     if todo:
         ray = ensure_ray(config)
         ray.data.DataContext.get_current().enable_progress_bars = not quiet
-        check_cluster(config, ray.cluster_resources(), shards=len(todo))
+        if note := check_cluster(
+            config, ray.cluster_resources(), shards=len(todo), maximum=cluster_maximum()
+        ):
+            echo(note)
         if note := unused_gpus(config, ray.cluster_resources()):
             echo(note)
         done = {s: ids for s, ids in progress.done_ids.items() if s not in complete}

@@ -28,6 +28,12 @@ class Meter:
         self.unit = unit
         self.count = 0
 
+    def left(self, fraction_done: float) -> str:
+        """Time left at this run's pace so far ('…' before any progress)."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        gained = fraction_done - self.first_fraction
+        return "…" if gained <= 0 else duration(elapsed * (1 - fraction_done) / gained)
+
     def line(self, fraction_done: float, count: int) -> str:
         """``count`` more units are done and ``fraction_done`` of the whole work."""
         self.count += count

@@ -55,10 +55,12 @@ class ChunkStage:
         data: DataConfig,
         done_ids: dict[int, set[str]],
         bos: int | None = None,
+        skip: dict[int, int] | None = None,
     ):
         self.tokenizer = model_tokenizer(target)
         self.data = data
         self.done_ids = done_ids
+        self.skip = skip or {}  # shard: its first chunks a resumed stream already trained on
         self.length = data.max_length - (bos is not None)  # training rows start with the BOS
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -69,7 +71,8 @@ class ChunkStage:
             shard = Shard.from_descriptor({k: v[row] for k, v in batch.items()})
             chunks = self._chunks(shard)
             done = self.done_ids.get(shard.index, set())
-            todo = [chunk for chunk in chunks if chunk.chunk_id not in done]
+            first = self.skip.get(shard.index, 0)
+            todo = [chunk for chunk in chunks[first:] if chunk.chunk_id not in done]
             size = self.data.block_chunks
             blocks += [
                 _chunk_block(todo[start : start + size], shard, len(chunks))

@@ -22,7 +22,7 @@ from fusion.corpus import open_filesystem
 from fusion.errors import FusionError, user_error_from
 from fusion.models import model_tokenizer, vocab_fingerprint
 from fusion.output import complete_manifest, join
-from fusion.pipeline import ClusterError, ensure_ray, unused_gpus
+from fusion.pipeline import cluster_maximum, ensure_ray, fits, unused_gpus
 from fusion.train_loop import total_steps, train_loop_per_worker
 
 RUN_NAME = "fusion-train"
@@ -144,7 +144,8 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     manifest = check_dataset(run)
     total_steps(train, manifest["rows"])  # refuse a data set smaller than one global batch
     ray = ensure_ray(run)
-    check_training_resources(train, ray.cluster_resources())
+    if note := check_training_resources(train, ray.cluster_resources(), cluster_maximum()):
+        print(note, file=sys.stderr)
     if note := unused_gpus(run, ray.cluster_resources()):
         print(note, file=sys.stderr)
     folder = data_dir(run)
@@ -235,17 +236,16 @@ def fit(
     )
 
 
-def check_training_resources(train: TrainConfig, available: dict[str, float]) -> None:
-    """Refuse workers that cannot all be placed (Ray would wait for them forever)."""
-    cpus = train.num_workers * train.cpus_per_worker
-    if cpus > available.get("CPU", 0.0) + 1e-9:
-        raise ClusterError(
-            f"{train.num_workers} training workers × {train.cpus_per_worker:g} CPUs need "
-            f"{cpus:g} CPUs but the cluster has {available.get('CPU', 0):g}; "
-            "lower train.cpus_per_worker (fractions are allowed) or train.num_workers"
-        )
-    if train.use_gpu and train.num_workers > available.get("GPU", 0.0):
-        raise ClusterError(
-            f"train.use_gpu asks for {train.num_workers} GPUs (one per worker) but the cluster "
-            f"has {available.get('GPU', 0):g}"
-        )
+def check_training_resources(
+    train: TrainConfig, available: dict[str, float], maximum: dict[str, float] | None = None
+) -> str | None:
+    """Refuse workers that can never all be placed (Ray would wait for them forever); a note
+    when they fit only once an autoscaling cluster (``maximum``) has grown."""
+    return fits(
+        f"{train.num_workers} training workers",
+        train.num_workers * train.cpus_per_worker,
+        train.num_workers if train.use_gpu else 0,
+        available,
+        maximum,
+        "lower train.cpus_per_worker (fractions are allowed) or train.num_workers",
+    )

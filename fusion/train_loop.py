@@ -9,7 +9,7 @@ a resumed run starts reading there and sees exactly the batches an uninterrupted
 from __future__ import annotations
 
 import contextlib
-import itertools
+import dataclasses
 import json
 import tempfile
 import time
@@ -23,6 +23,7 @@ from fusion.device import strict_device
 from fusion.errors import FusionError
 from fusion.loss import fusion_objective
 from fusion.optim import adamw, scheduler
+from fusion.progress import Meter
 
 PROGRESS = "progress.json"
 STATE = "state"
@@ -37,6 +38,16 @@ class Progress:
     micro_in_epoch: int = 0
     tokens_seen: int = 0
     losses: list[list[float]] = field(default_factory=list)  # [step, loss] per logged step
+    stream_shard: int = -1  # streamed runs: the shard of the last row trained on ...
+    stream_rows: int = 0  # ... and how many of that shard's rows were trained on
+
+    def passed(self, shards: list[int]) -> None:
+        """Move the stream position over rows (their shards, in stream order)."""
+        for shard in shards:
+            if shard == self.stream_shard:
+                self.stream_rows += 1
+            else:
+                self.stream_shard, self.stream_rows = shard, 1
 
     @classmethod
     def load(cls, folder: Path) -> Progress:
@@ -127,11 +138,18 @@ class Engine:
     def sum_over_workers(self, value: int) -> int:
         """``value`` summed over every worker, through a tensor on the engine's device (NCCL
         refuses CPU tensors)."""
+        return self._reduce(value, "SUM")
+
+    def min_over_workers(self, value: int) -> int:
+        """The smallest of every worker's ``value`` (on the engine's device, as above)."""
+        return self._reduce(value, "MIN")
+
+    def _reduce(self, value: int, op: str) -> int:
         import torch.distributed as dist
 
         total = torch.tensor([value], dtype=torch.long, device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(total)
+            dist.all_reduce(total, op=getattr(dist.ReduceOp, op))
         return int(total.item())
 
     @property
@@ -270,11 +288,11 @@ class _Window:
         return {"loss": self.loss / n, "clm_loss": self.clm / n, "fusion_loss": self.fusion / n}
 
 
-def _log_line(progress: Progress, total: int, metrics: dict) -> str:
+def _log_line(progress: Progress, total: int, metrics: dict, meter: Meter) -> str:
     line = (
         f"step {progress.step}/{total}  loss {metrics['loss']:.4f}  clm {metrics['clm_loss']:.4f}  "
         f"fusion {metrics['fusion_loss']:.4f}  lr {metrics['lr']:.2e}  "
-        f"{metrics['tokens_per_s']:,.0f} tok/s"
+        f"{metrics['tokens_per_s']:,.0f} tok/s  {meter.left(progress.step / total)} left"
     )
     if "eval_avg_bpb" in metrics:
         line += f"  held-out bpb {metrics['eval_avg_bpb']:.4f}"
@@ -334,15 +352,15 @@ def _train(loop_config: dict) -> None:
     columns = teacher_columns(train.teacher)
     window, step_tokens, rows_read = _Window(), 0, 0
     tick = time.perf_counter()
+    meter = Meter(progress.step / max(total, 1))  # time left, at this run's pace
 
     for epoch in range(progress.epoch, train.epochs):
         if progress.step >= total:
             break
-        if streamed:  # already split between the workers, in corpus order
+        if streamed:  # split between the workers, in corpus order, from the checkpoint's position
             batches = ray.train.get_dataset_shard("train").iter_batches(
                 batch_size=micro, batch_format="pyarrow", drop_last=True
             )
-            batches = itertools.islice(batches, progress.micro_in_epoch, None)
         else:  # this worker's share only, from its recorded position on
             share = WorkerShare(files, rank=rank, world=world, seed=train.seed)
             batches = share.batches(
@@ -352,6 +370,8 @@ def _train(loop_config: dict) -> None:
             if index >= usable_micro or progress.step >= total:
                 break
             rows_read += len(mine)
+            if streamed:
+                progress.passed(mine["shard"].to_pylist())
             batch = {
                 k: v.to(engine.device)
                 for k, v in collate(
@@ -396,11 +416,11 @@ def _train(loop_config: dict) -> None:
                 with metrics_file.open("a") as stream:
                     stream.write(json.dumps(metrics) + "\n")
                 if not loop_config["quiet"]:
-                    print(_log_line(progress, total, metrics), flush=True)
+                    print(_log_line(progress, total, metrics, meter), flush=True)
             if progress.step % train.checkpoint_every == 0 or finished:
                 if progress.micro_in_epoch >= usable_micro:
                     progress.epoch, progress.micro_in_epoch = epoch + 1, 0
-                _report_with_checkpoint(engine, progress, metrics, rank)
+                _report_with_checkpoint(engine, _resumable(progress, engine, world), metrics, rank)
             # Other steps are not reported to Ray Train: a report is a round trip through the
             # controller (~1.5 s on a busy 2-core machine); metrics.jsonl has every logged step.
             window = _Window()
@@ -420,6 +440,16 @@ def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return model
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _resumable(progress: Progress, engine: Engine, world: int) -> Progress:
+    """The progress a checkpoint keeps. Several workers split a stream as they ask for rows,
+    so only the shards before the earliest one any worker is in are surely consumed: the
+    stream restarts at that shard's start (one worker: exactly after its last row)."""
+    if world == 1 or progress.stream_shard < 0:
+        return progress
+    earliest = engine.min_over_workers(progress.stream_shard)
+    return dataclasses.replace(progress, stream_shard=earliest, stream_rows=0)
 
 
 def _report_with_checkpoint(engine: Engine, progress: Progress, metrics: dict, rank: int) -> None:

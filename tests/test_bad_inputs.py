@@ -291,6 +291,13 @@ def _invalid_utf8(raw, world, tmp):
     return raw
 
 
+def _duplicate_ids(raw, world, tmp):
+    lines = [{"text": "first text", "id": "doc-1"}, {"text": "other text", "id": "doc-1"}]
+    (tmp / "big.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    raw["data"] |= {"paths": [str(tmp / "big.jsonl")], "id_field": "id"}
+    return raw
+
+
 def _nan_logits(raw, world, tmp):
     import torch
     from transformers import AutoModelForCausalLM
@@ -308,6 +315,10 @@ PIPELINE_CASES: dict[str, tuple[Breakage, str]] = {
     "empty corpus": (_empty_corpus, r"yield no chunk of two or more target tokens"),
     "only empty documents": (_empty_documents, r"yield no chunk of two or more target tokens"),
     "invalid UTF-8": (_invalid_utf8, r"bad\.jsonl: not valid UTF-8 at byte"),
+    "duplicate ids": (
+        _duplicate_ids,
+        r"big\.jsonl: two documents have the data\.id_field 'id' 'doc-1'; ids must be unique",
+    ),
     "NaN logits from a source": (
         _nan_logits,
         r"source 'coder' produced NaN or infinite logits for row '.*corpus\.jsonl#\d+:\d+'",

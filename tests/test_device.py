@@ -116,7 +116,7 @@ def test_zero3_builds_the_target_partitioned_trains_and_exports_the_gathered_wei
         gathered = {name: value.detach().clone() for name, value in module.state_dict().items()}
     progress = Progress(step=12, tokens_seen=12)
     config = {"export_dir": str(tmp_path / "export"), "dataset": {"path": "test"}}
-    _export(engine, run, progress, config, rank=0)
+    _export(engine, run, progress, config, rank=0, rows_read=0)
     exported = Auto.from_pretrained(tmp_path / "export").state_dict()
     assert gathered.keys() == exported.keys()
     for name, value in gathered.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import torch
 from typer.testing import CliRunner
@@ -67,6 +68,14 @@ def test_eval_cli_prints_a_table_and_writes_json(model_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
     assert set(saved) == {"t", "g"} and saved["t"]["bpb"]["prose"] > 0
+    for name in ("t", "g"):  # a progress line per model ends at all of its tokens
+        assert re.search(
+            rf"^{name}: ([\d,]+)/\1 tokens · [\d,]+ tok/s · 100% · 0s left$", result.output, re.M
+        ), result.output
+    quiet = runner.invoke(
+        app, ["eval", "-m", f"t={model_dirs['target']}", "-d", f"prose={corpus}", "--quiet"]
+    )
+    assert quiet.exit_code == 0 and "tok/s" not in quiet.output, quiet.output
 
 
 def test_eval_refuses_an_ensemble_of_different_vocabularies(model_dirs, tmp_path):

@@ -148,15 +148,21 @@ def _config(model_dirs: dict, tmp_path: Path, training_texts: list[str], **chang
     return tmp_path / "run.yaml"
 
 
-def test_submitted_fusion_run_succeeds_and_exports_a_model(
+def test_submitted_fusion_run_succeeds_and_exports_a_model_with_every_actor_working(
     job_head, model_dirs, training_texts, tmp_path
 ):
     from transformers import AutoModelForCausalLM
 
     address, env = job_head
-    result = _submit(address, env, "run", _config(model_dirs, tmp_path, training_texts))
+    before = _forward_actors(address)
+    two_actors = {"sources.actors": 2, "sources.batch_size": 1}
+    result = _submit(
+        address, env, "run", _config(model_dirs, tmp_path, training_texts, **two_actors)
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout + result.stderr
+    used = _forward_actors(address) - before
+    assert len(used) == 3, used  # the target's actor and both of the source's
     export = tmp_path / "train" / "export"
     assert AutoModelForCausalLM.from_pretrained(export).config.vocab_size > 0
     assert (export / "README.md").is_file() and (export / "fusion-config.yaml").is_file()
@@ -165,7 +171,7 @@ def test_submitted_fusion_run_succeeds_and_exports_a_model(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"sources.num_gpus": 1}, "asks for 1 GPUs"),
+        ({"sources.num_gpus": 1}, "need 1 GPUs but the cluster has 0"),
         ({"sources.path": "/nowhere/on/this/cluster"}, "does not exist"),
     ],
 )
@@ -193,15 +199,3 @@ def _forward_actors(address: str) -> set[str]:
         raise_on_missing_output=False,
     )
     return {t.actor_id for t in tasks if t.actor_id and "ForwardStage" in (t.name or "")}
-
-
-def test_two_actors_of_one_source_both_receive_work(job_head, model_dirs, training_texts, tmp_path):
-    address, env = job_head
-    before = _forward_actors(address)
-    config = _config(
-        model_dirs, tmp_path, training_texts, **{"sources.actors": 2, "sources.batch_size": 1}
-    )
-    result = _submit(address, env, "prepare", config)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    used = _forward_actors(address) - before
-    assert len(used) == 3, used  # the target's actor and both of the source's

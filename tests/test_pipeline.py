@@ -25,7 +25,7 @@ from fusion.chunking import encode
 from fusion.cli import app
 from fusion.config import parse_config
 from fusion.models import load_tokenizer
-from fusion.pipeline import ClusterError, build_bridges, check_cluster, prepare
+from fusion.pipeline import ClusterError, build_bridges, check_cluster, cluster_maximum, prepare
 from fusion.stages import align_row
 from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 
@@ -267,14 +267,27 @@ def _write(raw: dict, path: Path) -> str:
     return str(path)
 
 
-def test_asking_for_more_than_the_cluster_has_fails_fast(world, tmp_path):
+def test_the_cluster_check_refuses_only_what_the_cluster_can_never_provide(
+    world, ray_cluster, tmp_path
+):
     raw = _raw_config(world, tmp_path / "out")
     raw["sources"][0]["num_gpus"] = 1
-    with pytest.raises(ClusterError, match=r"asks for 1 GPUs .* the cluster has 0"):
-        check_cluster(parse_config(raw), {"CPU": 2.0})
+    gpu = parse_config(raw)
+    with pytest.raises(ClusterError, match=r"need 1 GPUs but the cluster has 0 and does not"):
+        check_cluster(gpu, {"CPU": 2.0})  # a fixed cluster: refused at once
+    note = check_cluster(gpu, {"CPU": 2.0}, maximum={"CPU": 66.0, "GPU": 8.0})
+    assert note == (
+        "waiting for the autoscaler: the config's model actors, CPU stages and training "
+        "workers need 1 GPUs (it has 0 now)"
+    )
+    with pytest.raises(ClusterError, match=r"need 1 GPUs but the cluster can grow to at most 0"):
+        check_cluster(gpu, {"CPU": 2.0}, maximum={"CPU": 66.0})  # no GPU node group
     raw["sources"][0] |= {"num_gpus": 0, "num_cpus": 2}
-    with pytest.raises(ClusterError, match=r"need .* CPUs but the cluster has 2"):
-        check_cluster(parse_config(raw), {"CPU": 2.0})
+    with pytest.raises(ClusterError, match=r"need 3.65 CPUs but the cluster has 2"):
+        check_cluster(parse_config(raw), {"CPU": 2.0})  # 4 × 0.35 + 2 - 0.35 + 6 × 0.1 stages
+    raw["sources"][0]["num_cpus"] = 0.35
+    assert check_cluster(parse_config(raw), {"CPU": 2.0}) is None
+    assert cluster_maximum() is None  # the test cluster publishes no autoscaling limits
 
 
 def test_estimate_predicts_tokens_and_bounds_disk_before_running(world, prepared, tmp_path):
@@ -333,7 +346,7 @@ def test_fusion_run_streams_teacher_rows_into_a_trained_model(streamed):
     assert not (streamed / "unused").exists()  # nothing materialised
 
 
-def test_killed_streamed_run_resumes_to_the_same_weights(world, streamed, tmp_path):
+def test_killed_streamed_run_resumes_to_the_same_weights(world, streamed, tmp_path, capsys):
     from fusion.run import run
     from tests.test_train import _weights, kill_after_first_checkpoint
 
@@ -347,6 +360,12 @@ def test_killed_streamed_run_resumes_to_the_same_weights(world, streamed, tmp_pa
         json.loads(line)["step"] for line in (storage / "metrics.jsonl").read_text().splitlines()
     ]
     assert set(steps) == set(range(1, 7)) and steps.count(1) == 1  # continued, not restarted
+    # The stream restarted after the rows of the checkpoint's steps (a checkpoint every 2
+    # steps of 2 rows, all from the first shard): no model read them again.
+    restart = re.search(
+        r"resuming the stream at shard 0, after its first (\d+) rows", capsys.readouterr().err
+    )
+    assert restart is not None and int(restart[1]) in (4, 8)
     assert resumed.steps == 6
     expected, got = _weights(streamed / "export"), _weights(Path(resumed.export_dir))
     for name, tensor in expected.items():

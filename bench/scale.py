@@ -1,0 +1,204 @@
+"""How `fusion prepare` scales when the models, not the CPUs, set the pace.
+
+Each source here is the benchmark-only ``simulated`` backend: its forward pass waits a fixed
+time per token (it holds no CPU, as a GPU model would not) and returns valid top-k. With the
+models the bottleneck, target tokens/s should grow with the number of model actors until
+the CPU stages (chunking, alignment, fusion, writing) can no longer keep up. The run prints:
+
+1. target tokens/s for 1, 2 and 4 actors of one source, and for 1, 2 and 4 sources;
+2. the CPU cost per target token of every CPU stage, measured in this process on one core;
+3. from (2), the CPU cores a cluster needs per source GPU at a given model speed.
+
+    .venv/bin/python -m bench.scale                       # 2,000 simulated tokens/s per actor
+    .venv/bin/python -m bench.scale --gpu-tokens-per-s 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import numpy as np
+
+from bench.common import report, stdlib_text
+from fusion.config import parse_config
+from fusion.corpus import plan_shards
+from fusion.pipeline import build_bridges, candidates, prepare
+from fusion.rows import FUSED, schema
+from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
+from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
+
+SOURCES = (
+    ("alpha", "byte_level", 6000),
+    ("beta", "metaspace", 5000),
+    ("gamma", "byte_level", 4000),
+    ("delta", "metaspace", 3000),
+)
+MAX_LENGTH = 512
+TOP_K = 10
+
+
+def build_world(root: Path, corpus_chars: int) -> None:
+    """A Metaspace target, three sources with their own tokenizers, and a JSONL corpus."""
+    text = stdlib_text(2_000_000 + corpus_chars)
+    pieces = [text[i : i + 4000] for i in range(0, 2_000_000, 4000)]
+    target = train_tokenizer(pieces[:300], "metaspace", 8192)
+    save_model_dir(root / "target", tiny_causal_lm("llama", len(target)), target)
+    for name, kind, size in SOURCES:
+        tokenizer = train_tokenizer(pieces[:300], kind, size)
+        save_model_dir(root / name, tiny_causal_lm("gpt2", len(tokenizer)), tokenizer)
+    held_out = text[2_000_000:]
+    with (root / "corpus.jsonl").open("w", encoding="utf-8") as stream:
+        for i in range(0, len(held_out), 6000):
+            stream.write(json.dumps({"text": held_out[i : i + 6000]}) + "\n")
+
+
+def config_for(root: Path, out: Path, *, sources: int, actors: int, speed: float):
+    return parse_config(
+        {
+            "target": {"path": str(root / "target"), "as_teacher": False},
+            "sources": [
+                {
+                    "name": name,
+                    "path": str(root / name),
+                    "backend": "simulated",
+                    "simulated_tokens_per_s": speed,
+                    "actors": actors,
+                    "num_cpus": 0,  # it waits: a GPU model holds no CPU of the pipeline's
+                    "batch_size": 4,
+                }
+                for name, _, _ in SOURCES[:sources]
+            ],
+            "data": {"paths": [str(root / "corpus.jsonl")], "max_length": MAX_LENGTH},
+            "align": {"method": "offsets", "mode": "clean", "top_k": TOP_K, "map_cache": None},
+            "output": {"dir": str(out), "rows_per_file": 16},
+        }
+    )
+
+
+def throughput(config) -> float:
+    """Target tokens/s between the first and the last part written (start-up excluded)."""
+    marks: list[tuple[float, int]] = []  # (when, tokens written so far by this run)
+
+    def note(line: str) -> None:
+        if line.startswith("wrote "):
+            total = line.split(" rows, ")[1].split(" tokens")[0]
+            marks.append((time.perf_counter(), int(total.replace(",", ""))))
+
+    prepare(config, quiet=False, echo=note)
+    (first_time, first_tokens), (last_time, last_tokens) = marks[0], marks[-1]
+    return (last_tokens - first_tokens) / (last_time - first_time)
+
+
+def stage_costs(root: Path, out: Path) -> dict[str, float]:
+    """CPU seconds per target token of each CPU stage, one process, one thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    config = config_for(root, out, sources=4, actors=1, speed=1e12)
+    shards = [s.descriptor() for s in plan_shards(config.data)]
+    costs: dict[str, float] = {}
+
+    def timed(name: str, run, *args):
+        started = time.process_time()
+        result = run(*args)
+        costs[name] = costs.get(name, 0.0) + time.process_time() - started
+        return result
+
+    reader = ChunkStage(config.target, config.data, {})
+    batch_of = {k: np.asarray([s[k] for s in shards]) for k in shards[0]}
+    blocks = timed("chunk (read, tokenize, cut)", lambda: list(reader(batch_of)))
+    batch = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    tokens = sum(len(ids) for ids in batch["input_ids"])
+    bridges = build_bridges(config)
+    for source in config.sources:
+        forward = ForwardStage(
+            source.name, source, num_cpus=1, num_gpus=0, top_k=TOP_K, mode="clean"
+        )
+        batch = timed("source tokenize (in the model actor)", forward, batch)
+        aligner = AlignStage(source.name, bridges[source.name], config.align)
+        batch = timed("align (per source)", aligner, batch)
+    names = candidates(config)
+    batch = timed(
+        "fuse (4 sources)",
+        lambda: fuse_batch(batch, names, config.fuse, config.align.mode),
+    )
+    table_schema = schema([*names, FUSED], TOP_K)
+    (out / "data").mkdir(parents=True)
+    (out / "commits").mkdir()
+    timed(
+        "write Parquet (4 sources)",
+        lambda: write_batch(batch, str(out), table_schema, TOP_K, names),
+    )
+    per_token = {name: seconds / tokens for name, seconds in costs.items()}
+    per_token["source tokenize (in the model actor)"] /= len(config.sources)
+    per_token["align (per source)"] /= len(config.sources)
+    return per_token | {"tokens": tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--speed", type=float, default=2000.0, help="simulated tokens/s per actor")
+    parser.add_argument("--corpus-chars", type=int, default=700_000)
+    parser.add_argument("--gpu-tokens-per-s", type=float, default=20_000.0)
+    args = parser.parse_args()
+
+    import ray
+
+    root = Path(tempfile.mkdtemp(prefix="fusion-scale-"))
+    try:
+        build_world(root, args.corpus_chars)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        rows, figures = [], {}
+        for label, sources, actors in (
+            ("1 source × 1 actor", 1, 1),
+            ("1 source × 2 actors", 1, 2),
+            ("1 source × 4 actors", 1, 4),
+            ("2 sources × 1 actor", 2, 1),
+            ("4 sources × 1 actor", 4, 1),
+        ):
+            out = root / f"out-{sources}-{actors}"
+            config = config_for(root, out, sources=sources, actors=actors, speed=args.speed)
+            figures[label] = throughput(config)
+            shutil.rmtree(out)
+        base = figures["1 source × 1 actor"]
+        for label, rate in figures.items():
+            rows.append((label, f"{rate:,.0f}", f"{rate / base:.2f}×"))
+        ray.shutdown()
+        report(
+            "scale",
+            rows,
+            {"speed_per_actor": args.speed, "target_tokens_per_s": figures},
+            header=("model actors", "target tokens/s", "vs 1 actor"),
+        )
+
+        costs = stage_costs(root, root / "costs")
+        tokens = costs.pop("tokens")
+        cost_rows = [(name, f"{1e6 * s:,.1f}") for name, s in costs.items()]
+        shared = sum(s for n, s in costs.items() if "per source" not in n and "tokenize" not in n)
+        per_source = costs["align (per source)"] + costs["source tokenize (in the model actor)"]
+        speed = args.gpu_tokens_per_s
+        for n in (1, 4):
+            cores = speed * (shared / n + per_source)
+            cost_rows.append(
+                (f"CPU cores per source GPU at {speed:,.0f} tok/s, {n} source(s)", f"{cores:.1f}")
+            )
+        report(
+            "scale_costs",
+            cost_rows,
+            {"costs_s_per_token": costs, "tokens": tokens, "gpu_tokens_per_s": speed},
+            header=("CPU stage", "µs per target token"),
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
