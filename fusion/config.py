@@ -323,6 +323,10 @@ class RayConfig(_Strict):
     """'auto' or ray://… for a running cluster; empty starts a local Ray."""
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     """Ray runtime_env for the job's workers."""
+    max_resources: dict[str, Annotated[float, Field(ge=0)]] | None = None
+    """What an autoscaling cluster can grow to, e.g. {CPU: 224, GPU: 32}, where its
+    autoscaler does not publish it; a run that fits only after it grows waits instead of
+    being refused."""
 
 
 class FusionConfig(_Strict):

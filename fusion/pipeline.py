@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from fusion import __version__
 from fusion.align import VocabBridge, detect_marker, exact_vocab_map, mined_vocab_map
 from fusion.align.cache import cached_map
+from fusion.cluster import SMALL_CPU, check_cluster, cluster_maximum, stage_actors, unused_gpus
 from fusion.config import FusionConfig
 from fusion.corpus import CorpusError, Shard, plan_shards
 from fusion.diagnostics import add_counts, diagnostics
-from fusion.errors import FusionError, user_error_from
+from fusion.errors import user_error_from
 from fusion.models import (
     check_models,
     model_tokenizer,
@@ -38,11 +39,6 @@ from fusion.rows import FUSED, TARGET, schema
 from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
 
 DATA_FORMAT = "fusion-teacher-data/2"  # /2: fallback marks, per-position choices, NLL columns
-SMALL_CPU = 0.1  # reservation of the light CPU stages (chunking, alignment, fusion, writing)
-
-
-class ClusterError(FusionError):
-    """A config that asks the cluster for more than it has (it would hang, not fail)."""
 
 
 @dataclass(frozen=True)
@@ -123,118 +119,6 @@ def build_bridges(config: FusionConfig) -> dict[str, VocabBridge]:
     return bridges
 
 
-def stage_actors(config: FusionConfig, shards: int | None = None) -> dict[str, int]:
-    """Actors of each CPU pool: ``read`` (chunking) and ``align:<source>`` per source.
-
-    Defaults follow the model pools: one reader per four model actors (at most one per
-    shard), one aligner per source actor; the config's ``readers`` / ``align_actors`` win.
-    """
-    model_actors = sum(s.actors for s in config.sources)
-    if config.target.as_teacher:
-        model_actors += config.target.actors
-    readers = config.data.readers or max(1, -(-model_actors // 4))
-    if shards is not None:
-        readers = max(1, min(readers, shards))
-    pools = {"read": readers}
-    for source in config.sources:
-        pools[f"align:{source.name}"] = source.align_actors or source.actors
-    return pools
-
-
-def cluster_demand(config: FusionConfig, *, shards: int | None = None) -> tuple[float, float]:
-    """CPUs and GPUs the prepare pipeline's actors reserve (its tasks: fusion, writing)."""
-    cpus = 2 * SMALL_CPU + SMALL_CPU * sum(stage_actors(config, shards).values())
-    cpus += sum(s.num_cpus * s.actors for s in config.sources)
-    gpus = sum(s.num_gpus * s.actors for s in config.sources)
-    if config.target.as_teacher:
-        cpus += config.target.num_cpus * config.target.actors
-        gpus += config.target.num_gpus * config.target.actors
-    return cpus, gpus
-
-
-def cluster_maximum() -> dict[str, float] | None:
-    """What an autoscaling cluster can grow to (its node groups' max counts × resources, as
-    the autoscaler publishes them); None for a fixed cluster. Ray Train reads the same."""
-    try:
-        from ray._private.state import state
-
-        return state.get_max_resources_from_cluster_config()
-    except Exception:  # an older or newer Ray without it: treat the cluster as fixed
-        return None
-
-
-def fits(
-    what: str,
-    cpus: float,
-    gpus: float,
-    available: dict[str, float],
-    maximum: dict[str, float] | None,
-    hint: str,
-) -> str | None:
-    """Refuse a demand the cluster can never meet; return a note when it can only after the
-    autoscaler adds nodes (Ray waits for them), else None."""
-    have = {"CPU": available.get("CPU", 0.0), "GPU": available.get("GPU", 0.0)}
-    need = {"CPU": cpus, "GPU": gpus}
-    short = [r for r in ("GPU", "CPU") if need[r] > have[r] + 1e-9]
-    if not short:
-        return None
-    if maximum is not None:
-        never = [r for r in short if need[r] > maximum.get(r, 0) + 1e-9]
-        if not never:
-            wants = ", ".join(f"{need[r]:g} {r}s (it has {have[r]:g} now)" for r in short)
-            return f"waiting for the autoscaler: {what} need {wants}"
-        resource = never[0]
-        raise ClusterError(
-            f"{what} need {need[resource]:g} {resource}s but the cluster can grow to at most "
-            f"{maximum.get(resource, 0):g} (its node groups' max counts); {hint}"
-        )
-    resource = short[0]
-    raise ClusterError(
-        f"{what} need {need[resource]:g} {resource}s but the cluster has {have[resource]:g} "
-        f"and does not autoscale; {hint}"
-    )
-
-
-def check_cluster(
-    config: FusionConfig,
-    available: dict[str, float],
-    *,
-    also: tuple[float, float] = (0.0, 0.0),
-    shards: int | None = None,
-    maximum: dict[str, float] | None = None,
-) -> str | None:
-    """Refuse a config whose actors (plus ``also``: CPUs, GPUs of training workers) can
-    never all be placed (Ray would wait forever instead of failing); a note when they fit
-    only once an autoscaling cluster (``maximum``: what it can grow to) has grown."""
-    cpus, gpus = cluster_demand(config, shards=shards)
-    return fits(
-        "the config's model actors, CPU stages and training workers",
-        cpus + also[0],
-        gpus + also[1],
-        available,
-        maximum,
-        "lower num_gpus / num_cpus (fractions are allowed), actors per source, data.readers, "
-        "align_actors or train.cpus_per_worker, or add nodes",
-    )
-
-
-def unused_gpus(config: FusionConfig, available: dict[str, float]) -> str | None:
-    """A note when the cluster has GPUs but the config gives none to any model or worker
-    (the defaults run on CPUs: an unedited config would silently ignore the GPUs)."""
-    gpus = available.get("GPU", 0.0)
-    asked = config.target.num_gpus * config.target.actors
-    asked += sum(s.num_gpus * s.actors for s in config.sources)
-    if config.train is not None and config.train.use_gpu:
-        asked += config.train.num_workers
-    if gpus <= 0 or asked > 0:
-        return None
-    return (
-        f"note: the cluster has {gpus:g} GPUs but this config asks for none, so everything "
-        "runs on CPUs; set num_gpus on the target and sources (and train.use_gpu: true) to "
-        "use them"
-    )
-
-
 OFFLINE = {"HF_HUB_OFFLINE": "1"}  # models are local folders: no worker ever calls the hub
 
 
@@ -258,6 +142,20 @@ def ensure_ray(config: FusionConfig):
             log_to_driver=False,
         )
     return ray
+
+
+def bounded_blocks(dataset, rows: int):
+    """``dataset`` cut into blocks of at most ``rows`` rows, by a light task.
+
+    A shard's chunks leave the reading stage as one block; cut, the model pools share it out
+    and progress and commits come every ``rows`` rows, however large the shard. Ray Data
+    gives the cutting op no resource argument and runs it as 1-CPU tasks, which a small or
+    busy cluster may never place beside the actors: it reserves SMALL_CPU like the other
+    light stages.
+    """
+    cut = dataset.repartition(target_num_rows_per_block=rows)
+    cut._logical_plan.dag.ray_remote_args["num_cpus"] = SMALL_CPU
+    return cut
 
 
 def teacher_dataset(
@@ -287,6 +185,7 @@ def teacher_dataset(
         compute=pool(size=actors["read"]),
         num_cpus=SMALL_CPU,
     )
+    dataset = bounded_blocks(dataset, config.data.block_chunks)
     models = [(TARGET, config.target, config.target.actors)] if config.target.as_teacher else []
     models += [(s.name, s, s.actors) for s in config.sources]
     for name, model, count in models:
@@ -355,7 +254,7 @@ def prepare(
         ray = ensure_ray(config)
         ray.data.DataContext.get_current().enable_progress_bars = not quiet
         if note := check_cluster(
-            config, ray.cluster_resources(), shards=len(todo), maximum=cluster_maximum()
+            config, ray.cluster_resources(), shards=len(todo), maximum=cluster_maximum(config)
         ):
             echo(note)
         if note := unused_gpus(config, ray.cluster_resources()):

@@ -21,18 +21,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from fusion.batches import teacher_columns
+from fusion.cluster import SMALL_CPU, check_cluster, cluster_maximum, unused_gpus
 from fusion.config import ConfigError, FusionConfig
 from fusion.corpus import plan_shards
 from fusion.models import check_models, training_bos
-from fusion.pipeline import (
-    SMALL_CPU,
-    candidates,
-    check_cluster,
-    cluster_maximum,
-    ensure_ray,
-    teacher_dataset,
-    unused_gpus,
-)
+from fusion.pipeline import candidates, ensure_ray, teacher_dataset
 from fusion.rows import FUSED, schema, to_table
 from fusion.train import RUN_NAME, TrainSummary, fit, storage_dir, train_settings
 from fusion.train_loop import Progress
@@ -78,7 +71,7 @@ def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     ray = ensure_ray(config)
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
     workers = (train.num_workers * train.cpus_per_worker, train.num_workers * train.use_gpu)
-    maximum = cluster_maximum()
+    maximum = cluster_maximum(config)
     if note := check_cluster(
         config, ray.cluster_resources(), also=workers, shards=len(shards), maximum=maximum
     ):

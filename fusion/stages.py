@@ -10,7 +10,6 @@ Callable classes hold what is expensive to build (tokenizers, models, vocabulary
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -43,11 +42,7 @@ def set_threads(num_cpus: float, threads: int | None = None) -> None:
 
 
 class ChunkStage:
-    """Reads shards and cuts their documents into chunks; skips chunks already written.
-
-    Yields blocks of at most ``data.block_chunks`` chunks, so a large shard (a long text, a
-    big JSONL range) reaches the models, the progress bar and the writer in pieces.
-    """
+    """Reads shards and cuts their documents into chunks; skips chunks already written."""
 
     def __init__(
         self,
@@ -63,22 +58,27 @@ class ChunkStage:
         self.skip = skip or {}  # shard: its first chunks a resumed stream already trained on
         self.length = data.max_length - (bos is not None)  # training rows start with the BOS
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        # Read and chunk here, not in the generator: an error raised while Ray Data iterates
-        # a generator escapes its user-error wrapping and prints Ray's internal traceback.
-        blocks = []
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows: list[Chunk] = []
+        shards, totals = [], []
         for row in range(len(batch["index"])):
             shard = Shard.from_descriptor({k: v[row] for k, v in batch.items()})
             chunks = self._chunks(shard)
             done = self.done_ids.get(shard.index, set())
             first = self.skip.get(shard.index, 0)
             todo = [chunk for chunk in chunks[first:] if chunk.chunk_id not in done]
-            size = self.data.block_chunks
-            blocks += [
-                _chunk_block(todo[start : start + size], shard, len(chunks))
-                for start in range(0, len(todo), size)
-            ]
-        return (block for block in blocks)
+            rows += todo
+            shards += [shard.index] * len(todo)
+            totals += [len(chunks)] * len(todo)
+        return {
+            "id": np.asarray([c.chunk_id for c in rows], dtype=object),
+            "domain": object_array([c.domain for c in rows]),
+            "text": np.asarray([c.text for c in rows], dtype=object),
+            "input_ids": object_array([c.input_ids for c in rows]),
+            "offsets": object_array([c.offsets for c in rows]),
+            "shard": np.asarray(shards, dtype=np.int64),
+            "shard_total": np.asarray(totals, dtype=np.int64),
+        }
 
     def _chunks(self, shard: Shard) -> list[Chunk]:
         """Every chunk of the shard; a document id seen twice is an error naming it."""
@@ -94,19 +94,6 @@ class ChunkStage:
             seen.add(document.doc_id)
             chunks.extend(chunk_document(document, self.tokenizer, self.length))
         return chunks
-
-
-def _chunk_block(chunks: list[Chunk], shard: Shard, total: int) -> dict[str, np.ndarray]:
-    """Rows of the reading stage for ``chunks`` of ``shard`` (which has ``total`` chunks)."""
-    return {
-        "id": np.asarray([c.chunk_id for c in chunks], dtype=object),
-        "domain": object_array([c.domain for c in chunks]),
-        "text": np.asarray([c.text for c in chunks], dtype=object),
-        "input_ids": object_array([c.input_ids for c in chunks]),
-        "offsets": object_array([c.offsets for c in chunks]),
-        "shard": np.full(len(chunks), shard.index, dtype=np.int64),
-        "shard_total": np.full(len(chunks), total, dtype=np.int64),
-    }
 
 
 class ForwardStage:

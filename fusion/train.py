@@ -17,12 +17,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fusion.batches import own_column, teacher_columns
+from fusion.cluster import cluster_maximum, fits, unused_gpus
 from fusion.config import ConfigError, FusionConfig, TrainConfig
 from fusion.corpus import open_filesystem
 from fusion.errors import FusionError, user_error_from
 from fusion.models import model_tokenizer, vocab_fingerprint
 from fusion.output import complete_manifest, join
-from fusion.pipeline import cluster_maximum, ensure_ray, fits, unused_gpus
+from fusion.pipeline import ensure_ray
 from fusion.train_loop import total_steps, train_loop_per_worker
 
 RUN_NAME = "fusion-train"
@@ -144,7 +145,7 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     manifest = check_dataset(run)
     total_steps(train, manifest["rows"])  # refuse a data set smaller than one global batch
     ray = ensure_ray(run)
-    if note := check_training_resources(train, ray.cluster_resources(), cluster_maximum()):
+    if note := check_training_resources(train, ray.cluster_resources(), cluster_maximum(run)):
         print(note, file=sys.stderr)
     if note := unused_gpus(run, ray.cluster_resources()):
         print(note, file=sys.stderr)

@@ -172,5 +172,5 @@ def test_chunks_of_a_bos_target_leave_room_for_its_bos(bos_trained_dir, training
     lengths = {}
     for read_bos in (None, bos):
         stage = ChunkStage(TargetConfig(path=str(folder)), data, {}, bos=read_bos)
-        lengths[read_bos] = [len(ids) for block in stage(descriptor) for ids in block["input_ids"]]
+        lengths[read_bos] = [len(ids) for ids in stage(descriptor)["input_ids"]]
     assert max(lengths[None]) == 16 and max(lengths[bos]) == 15  # BOS + 15 tokens = 16

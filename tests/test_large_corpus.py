@@ -45,7 +45,15 @@ def test_a_killed_prepare_of_a_large_jsonl_keeps_its_committed_parts(
     out = tmp_path / "out"
     raw = {
         "target": {"path": str(model_dirs["target"]), "num_cpus": 0.3, "as_teacher": False},
-        "sources": [{"name": "coder", "path": str(model_dirs["gpt2"]), "num_cpus": 0.3}],
+        "sources": [  # the data path is under test, not a model: a source that only waits
+            {
+                "name": "coder",
+                "path": str(model_dirs["gpt2"]),
+                "backend": "simulated",
+                "simulated_tokens_per_s": 1e6,
+                "num_cpus": 0.3,
+            }
+        ],
         "data": {
             "paths": [str(corpus)],
             "id_field": "id",

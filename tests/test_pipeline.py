@@ -23,9 +23,10 @@ from typer.testing import CliRunner
 from fusion.backends.hf import HFTopK
 from fusion.chunking import encode
 from fusion.cli import app
+from fusion.cluster import ClusterError, check_cluster, cluster_maximum
 from fusion.config import parse_config
 from fusion.models import load_tokenizer
-from fusion.pipeline import ClusterError, build_bridges, check_cluster, cluster_maximum, prepare
+from fusion.pipeline import build_bridges, prepare
 from fusion.stages import align_row
 from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 
@@ -287,7 +288,11 @@ def test_the_cluster_check_refuses_only_what_the_cluster_can_never_provide(
         check_cluster(parse_config(raw), {"CPU": 2.0})  # 4 × 0.35 + 2 - 0.35 + 6 × 0.1 stages
     raw["sources"][0]["num_cpus"] = 0.35
     assert check_cluster(parse_config(raw), {"CPU": 2.0}) is None
-    assert cluster_maximum() is None  # the test cluster publishes no autoscaling limits
+    assert cluster_maximum(gpu) is None  # the test cluster publishes no autoscaling limits
+    limits = gpu.model_copy(
+        update={"ray": gpu.ray.model_copy(update={"max_resources": {"GPU": 4}})}
+    )
+    assert cluster_maximum(limits) == {"GPU": 4}  # a config may say what the cluster grows to
 
 
 def test_estimate_predicts_tokens_and_bounds_disk_before_running(world, prepared, tmp_path):

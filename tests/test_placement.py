@@ -97,8 +97,8 @@ def test_estimate_reports_memory_per_gpu_and_warns_when_a_model_will_not_fit(gpu
 
 
 def test_a_cluster_with_gpus_that_the_config_leaves_idle_is_noted(gpu_config):
+    from fusion.cluster import unused_gpus
     from fusion.config import parse_config
-    from fusion.pipeline import unused_gpus
 
     cpu_only = gpu_config | {"sources": [gpu_config["sources"][0] | {"num_gpus": 0}]}
     note = unused_gpus(parse_config(cpu_only), {"CPU": 16.0, "GPU": 8.0})
