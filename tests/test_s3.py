@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import socket
 
 import pyarrow as pa
@@ -35,22 +34,18 @@ def s3():
         port = probe.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
     try:
-        endpoint = f"127.0.0.1:{port}"
-        filesystem = pafs.S3FileSystem(
-            endpoint_override=endpoint, scheme="http", allow_bucket_creation=True
-        )
-        filesystem.create_dir("corpus")
-        yield filesystem, f"?endpoint_override={endpoint}&scheme=http"
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in CREDENTIALS.items():
+                patch.setenv(key, value)
+            endpoint = f"127.0.0.1:{port}"
+            filesystem = pafs.S3FileSystem(
+                endpoint_override=endpoint, scheme="http", allow_bucket_creation=True
+            )
+            filesystem.create_dir("corpus")
+            yield filesystem, f"?endpoint_override={endpoint}&scheme=http"
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_a_corpus_glob_in_a_bucket_lists_and_reads_through_s3(s3):
