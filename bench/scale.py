@@ -30,6 +30,7 @@ import numpy as np
 from bench.common import report, stdlib_text
 from fusion.config import parse_config
 from fusion.corpus import plan_shards
+from fusion.models import load_tokenizer
 from fusion.pipeline import build_bridges, candidates, prepare
 from fusion.rows import FUSED, schema
 from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
@@ -145,7 +146,9 @@ def stage_costs(root: Path, out: Path) -> dict[str, float]:
     (out / "commits").mkdir()
     timed(
         "write Parquet (4 sources)",
-        lambda: write_batch(batch, str(out), table_schema, TOP_K, names),
+        lambda: write_batch(
+            batch, str(out), table_schema, TOP_K, names, len(load_tokenizer(config.target.path))
+        ),
     )
     per_token = {name: seconds / tokens for name, seconds in costs.items()}
     for name in per_token:

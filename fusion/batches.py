@@ -2,7 +2,8 @@
 
 Rows arrive as Arrow tables (one chunk per row, real tokens only) and leave as tensors:
 ``input_ids``/``attention_mask`` ``[B, L]`` right-padded, ``topk_ids``/``topk_logits``
-``[B, L, k]`` (absent entries: id -1, logit -inf) and ``teacher_mask`` ``[B, L]``. The teacher at
+``[B, L, k]`` (absent entries: id -1, logit -inf), ``tail`` ``[B, L]`` (the teacher's mass
+outside its top-k) and ``teacher_mask`` ``[B, L]``. The teacher at
 position t stands for the student's prediction at position t (no shift, reference §7); a
 target trained with BOS gets it in front, and every position moves one to the right.
 """
@@ -38,9 +39,13 @@ def own_column(teacher: str) -> str | None:
 def teacher_columns(teacher: str) -> list[str]:
     """The columns training reads for ``teacher``."""
     own = own_column(teacher)
-    return ["id", "input_ids", f"{teacher}.topk_ids", f"{teacher}.topk_logits"] + (
-        [own] if own else []
-    )
+    return [
+        "id",
+        "input_ids",
+        f"{teacher}.topk_ids",
+        f"{teacher}.topk_logits",
+        f"{teacher}.tail",
+    ] + ([own] if own else [])
 
 
 def fallback_positions(table: pa.Table, teacher: str) -> np.ndarray:
@@ -78,6 +83,8 @@ def collate(
     topk_logits = np.full((batch, longest, k), -np.inf, dtype=np.float32)
     logits = _flat(table[f"{teacher}.topk_logits"]).astype(np.float32).reshape(-1, k)
     topk_logits[rows, cols] = logits
+    tail = np.zeros((batch, longest), dtype=np.float32)
+    tail[rows, cols] = _flat(table[f"{teacher}.tail"]).astype(np.float32)
     teacher_mask = attention.astype(np.float32)
     teacher_mask[:, :first] = 0.0
     if mask_fallback:
@@ -88,5 +95,6 @@ def collate(
         "attention_mask": torch.from_numpy(attention),
         "topk_ids": torch.from_numpy(topk_ids),
         "topk_logits": torch.from_numpy(topk_logits),
+        "tail": torch.from_numpy(tail),
         "teacher_mask": torch.from_numpy(teacher_mask),
     }

@@ -19,7 +19,8 @@ class ClusterError(FusionError):
 
 
 def stage_actors(config: FusionConfig, shards: int | None = None) -> dict[str, int]:
-    """Actors of each CPU pool: ``read`` (chunking) and ``align:<source>`` per source.
+    """Actors of each CPU pool: ``read`` (chunking) and ``align:<source>`` per source (none
+    with ``align.method: bytes``, where the source's actors align as they read).
 
     Defaults follow the model pools: one reader per four model actors (at most one per
     shard), one aligner per source actor; the config's ``readers`` / ``align_actors`` win.
@@ -31,7 +32,7 @@ def stage_actors(config: FusionConfig, shards: int | None = None) -> dict[str, i
     if shards is not None:
         readers = max(1, min(readers, shards))
     pools = {"read": readers}
-    for source in config.sources:
+    for source in config.sources if config.align.method != "bytes" else []:
         pools[f"align:{source.name}"] = source.align_actors or source.actors
     return pools
 

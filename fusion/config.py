@@ -167,8 +167,10 @@ class DataConfig(_Strict):
 class AlignConfig(_Strict):
     """How source distributions are moved into the target vocabulary."""
 
-    method: Literal["dtw", "offsets"] = "dtw"
-    """'dtw' as the reference; 'offsets' pairs positions by character offsets (exact)."""
+    method: Literal["dtw", "offsets", "bytes"] = "dtw"
+    """'dtw' as the reference; 'offsets' pairs positions by character offsets (exact);
+    'bytes' projects each source's full next-token distribution into the target vocabulary
+    where the target's tokens end (clean mode, hf sources; vocab_map is then not used)."""
     vocab_map: Literal["mined", "exact"] = "mined"
     """'mined' maps unmatched tokens to the nearest by edit distance; 'exact' drops them."""
     mode: Literal["reference", "clean"] = "reference"
@@ -176,8 +178,9 @@ class AlignConfig(_Strict):
     top_k: Annotated[int, Field(ge=1, le=1000)] = 10
     """Entries kept per position."""
     map_cache: str | None = "~/.cache/fusion/vocab-maps"
-    """Folder where vocabulary maps are kept, keyed by both vocabularies, their markers and
-    the map kind, so a re-run or another job reuses them (null: always compute)."""
+    """Folder where vocabulary maps and byte-projection tables are kept, keyed by what they
+    depend on (both tokenizers, markers, kind), so a re-run or another job reuses them (null:
+    always compute)."""
 
 
 class FuseConfig(_Strict):
@@ -272,6 +275,10 @@ class TrainConfig(_Strict):
     """Leave positions whose teacher is a one-hot fallback out of the fusion loss (clean)."""
     teacher_precision: Literal["fp32", "bf16"] = "fp32"
     """'bf16' rounds teacher probabilities as the reference's dense target does."""
+    kd_tail: Literal["renormalise", "bucket"] = "renormalise"
+    """The teacher's mass outside its stored top-k: 'renormalise' drops it and rescales the
+    top-k to sum to 1 (the reference); 'bucket' keeps the top-k's own probabilities and
+    teaches the rest as one bucket: the student's mass on every other token."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 100
     """Optimizer steps between checkpoints."""
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
@@ -351,6 +358,24 @@ class FusionConfig(_Strict):
                     f"sources.{seen[source.name]}; source names must be distinct"
                 )
             seen[source.name] = index
+        return self
+
+    @model_validator(mode="after")
+    def _projection_needs(self) -> FusionConfig:
+        if self.align.method != "bytes":
+            return self
+        if self.align.mode != "clean":
+            raise ValueError(
+                "align.method 'bytes' is a clean-mode method (the reference has no byte "
+                "projection): set align.mode: clean"
+            )
+        for index, source in enumerate(self.sources):
+            if source.backend != "hf":
+                raise ValueError(
+                    f"sources.{index}.backend: {source.backend!r} gives only a top-k, but "
+                    "align.method 'bytes' projects each source's full distribution: use "
+                    "backend 'hf' (or align.method 'offsets')"
+                )
         return self
 
 

@@ -98,11 +98,13 @@ def topk_token_ce(
 class FusedTopK:
     """The fused teacher: ``ids``/``logits`` ``[L, k]`` and ``choice`` ``[L]`` per position:
     the candidate taken, :data:`MIXED` for an AvgCE mixture, :data:`NO_TEACHER` where no
-    candidate had a usable distribution (the position holds the fallback, or nothing)."""
+    candidate had a usable distribution (the position holds the fallback, or nothing);
+    ``tail`` the fused teacher's mass outside its top-k (0 for a one-hot or nothing)."""
 
     ids: np.ndarray
     logits: np.ndarray
     choice: np.ndarray
+    tail: np.ndarray  # [L]: the probability mass outside the stored top-k
 
 
 def fuse_topk(
@@ -115,6 +117,7 @@ def fuse_topk(
     aligned: np.ndarray | None = None,
     fallback_ids: Sequence[int] | np.ndarray | None = None,
     no_teacher: NoTeacher = "one_hot",
+    tails: np.ndarray | None = None,
 ) -> FusedTopK:
     """Fuse candidates' top-k ``[C, L, k]`` into one ``[L, k]`` teacher.
 
@@ -129,6 +132,10 @@ def fuse_topk(
     MinCE copies the best candidate's entries. AvgCE mixes the renormalised distributions of
     the competing candidates with :func:`avg_ce_weights` and keeps the k most probable ids,
     as log-probabilities.
+
+    ``tails`` ``[C, L]`` is each candidate's mass outside its top-k (default 0): MinCE takes
+    the chosen one's; AvgCE's is what the mixture of the candidates' full distributions (top-k
+    scaled by ``1 - tail``) puts outside the ids it keeps. It never changes what is chosen.
     """
     ids, logits = np.asarray(ids), np.asarray(logits, dtype=np.float64)
     if ids.ndim != 3 or ids.shape != logits.shape:
@@ -141,6 +148,9 @@ def fuse_topk(
         )
     if no_teacher not in ("one_hot", "mask"):
         raise ValueError(f"no_teacher must be 'one_hot' or 'mask', got {no_teacher!r}")
+    tails = np.zeros((candidates, length)) if tails is None else np.asarray(tails, np.float64)
+    if tails.shape != (candidates, length):
+        raise ValueError(f"tails has shape {tails.shape}; expected [{candidates}, {length}]")
     per_token = np.broadcast_to(values.reshape(candidates, -1), (candidates, length))
     present = (ids != PAD_ID).any(axis=2)  # [C, L]
     own = present if aligned is None else np.asarray(aligned, dtype=bool) & present
@@ -154,6 +164,7 @@ def fuse_topk(
         rewards = ce_rewards(per_token, precision="bf16" if mode == "reference" else "fp64")
         choice = np.argmax(np.where(usable, rewards, -1.0), axis=0)
         out_ids, out_logits = ids[choice, positions], logits[choice, positions]
+        out_tail = tails[choice, positions]
         marks = choice.astype(np.int8)
         marks[~own[choice, positions]] = NO_TEACHER  # a stored fallback (reference rows)
     elif method == "avg_ce":
@@ -166,18 +177,28 @@ def fuse_topk(
         probs = _softmax(np.where(kept, logits, np.where(row_kept, -np.inf, 0.0)), axis=2) * kept
         probs *= weights[:, :, None]
         out_ids, out_logits = _top_k_of_mixture(ids, probs, k)
+        kept = _kept_share(ids, probs, out_ids)  # [C, L]: each candidate's mass on kept ids
+        out_tail = 1.0 - ((1.0 - tails) * kept).sum(axis=0)
         marks = np.full(length, MIXED, dtype=np.int8)
     else:
         raise ValueError(f"method must be 'min_ce' or 'avg_ce', got {method!r}")
     out_ids, out_logits = out_ids.astype(np.int32), out_logits.astype(np.float64)
     missing = ~has_teacher
     out_ids[missing], out_logits[missing] = PAD_ID, -np.inf
+    out_tail = np.clip(np.where(missing, 0.0, out_tail), 0.0, 1.0)
     marks[missing] = NO_TEACHER
     if no_teacher == "one_hot" and fallback_ids is not None:
         labels = np.asarray(fallback_ids, dtype=np.int64)
         one_hot = missing & (labels >= 0)
         out_ids[one_hot, 0], out_logits[one_hot, 0] = labels[one_hot], 1.0
-    return FusedTopK(out_ids, out_logits, marks)
+    return FusedTopK(out_ids, out_logits, marks, out_tail)
+
+
+def _kept_share(ids: np.ndarray, probs: np.ndarray, kept_ids: np.ndarray) -> np.ndarray:
+    """``[C, L]``: the weighted, renormalised probability each candidate puts on the ids the
+    mixture keeps (``probs`` ``[C, L, k]``, ``kept_ids`` ``[L, k]``)."""
+    on_kept = (ids[:, :, :, None] == kept_ids[None, :, None, :]) & (kept_ids >= 0)[None, :, None]
+    return (probs * on_kept.any(axis=3)).sum(axis=2)
 
 
 def _top_k_of_mixture(ids: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

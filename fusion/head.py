@@ -10,9 +10,14 @@ dense logits, reduced the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# Called with each chunk's first position, its masked float32 logits [B, n, V] and their
+# log-normaliser [B, n]: work that needs whole rows of logits (a projection) happens there.
+ChunkVisitor = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,17 @@ class ChunkedHead:
         return chunked.shape == dense.shape and torch.allclose(chunked, dense, rtol=1e-3, atol=1e-3)
 
     @torch.inference_mode()
-    def read(self, ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int) -> HeadReading:
-        """Top-k, log-normaliser and label logit at every position of a right-padded batch."""
+    def read(
+        self,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        top_k: int,
+        *,
+        visit: ChunkVisitor | None = None,
+        share: int = 1,
+    ) -> HeadReading:
+        """Top-k, log-normaliser and label logit at every position of a right-padded batch;
+        ``visit`` sees every chunk's logits, which then take 1/``share`` of the budget."""
         batch, length = ids.shape
         if self.chunked:
             hidden = self.body(ids, attention_mask=attention_mask).last_hidden_state
@@ -71,7 +85,7 @@ class ChunkedHead:
             hidden = self.model(ids, attention_mask=attention_mask).logits
             produce = torch.Tensor.float
         vocab = self.head.weight.shape[0] if self.head is not None else hidden.shape[-1]
-        step = max(1, self.budget // max(1, 4 * batch * vocab))
+        step = max(1, self.budget // max(1, 4 * batch * vocab * share))
         labels = torch.nn.functional.pad(ids[:, 1:], (0, 1))
         parts: list[tuple[torch.Tensor, ...]] = []
         for start in range(0, length, step):
@@ -82,6 +96,8 @@ class ChunkedHead:
             lse = torch.logsumexp(logits, -1)
             label = logits.gather(-1, labels[:, start : start + step, None]).squeeze(-1)
             parts.append((values, indices, lse, label))
+            if visit is not None:
+                visit(start, logits, lse)
             del logits
         values, indices, lse, label = (torch.cat(p, dim=1) for p in zip(*parts, strict=True))
         return HeadReading(values, indices, lse, label)

@@ -48,12 +48,15 @@ def summary_lines(manifest: dict) -> list[str]:
         f"{config['align']['vocab_map']}/{config['align']['mode']}, fuse "
         f"{config['fuse']['method']} per {config['fuse']['granularity']}",
         "",
-        f"{'candidate':<20} {'coverage':>9} {'label in top-k':>15} {'taught':>8}",
+        f"{'candidate':<20} {'coverage':>9} {'label in top-k':>15} {'taught':>8} "
+        f"{'bits/byte stored':>17} {'own':>7}  kept",
     ]
     for name, stats in found["candidates"].items():
+        stored, own = stats.get("bits_per_byte"), stats.get("own_bits_per_byte")
+        kept = f"{100 * own / stored:.0f} %" if stored and own else "—"
         lines.append(
             f"{name:<20} {stats['coverage']:>9.3f} {stats['label_in_topk']:>15.3f} "
-            f"{stats['taught']:>8.3f}"
+            f"{stats['taught']:>8.3f} {_figure(stored):>17} {_figure(own):>7}  {kept}"
         )
     lines += [
         "",
@@ -61,10 +64,17 @@ def summary_lines(manifest: dict) -> list[str]:
         f"({config['fuse'].get('no_teacher', 'one_hot')}); fallback where a candidate could "
         f"teach: {fused['fallback_over_real']} positions; mixed {fused['mixed']:.3f}; label "
         f"in top-k {fused['label_in_topk']:.3f}",
-        f"fused teacher CE against the next target token (where it holds it): "
-        f"{fused['ce_nats_per_token']:.4f} nats/token, {fused['ce_bits_per_byte']:.4f} bits/byte",
+        f"fused teacher CE against the next target token, over every position it teaches "
+        f"(mass outside the top-k counted): {fused['ce_nats_per_token']:.4f} nats/token, "
+        f"{_figure(fused.get('bits_per_byte'))} bits/byte",
+        "bits/byte stored: each candidate's distribution as stored in target ids, where it "
+        "has one; own: the same model in its own tokenization; kept: own / stored",
     ]
     return lines
+
+
+def _figure(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def _show(token: str, width: int = 12) -> str:

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 TeacherPrecision = Literal["fp32", "bf16"]
+KdTail = Literal["renormalise", "bucket"]
 _CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the log-normaliser (64 MiB in float32)
 
 
@@ -93,16 +94,36 @@ def _check_teacher(
 
 
 def _teacher_probs(
-    topk_logits: torch.Tensor, acc: torch.dtype, teacher_precision: TeacherPrecision
+    topk_logits: torch.Tensor,
+    acc: torch.dtype,
+    teacher_precision: TeacherPrecision,
+    tail: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Renormalised teacher probabilities (0 where absent) and whether a position has any."""
+    """Teacher probabilities at the top-k ids (0 where absent) and whether a position has
+    any: renormalised, or scaled to ``1 - tail`` when the tail is kept as a bucket."""
     present = topk_logits > float("-inf")
     has_teacher = present.any(-1)
     teacher = torch.softmax(topk_logits.to(acc).masked_fill(~has_teacher[..., None], 0.0), -1)
     teacher = teacher.masked_fill(~present, 0.0)
+    if tail is not None:
+        teacher = teacher * (1 - tail.to(acc).clamp(0, 1))[..., None]
     if teacher_precision == "bf16":
         teacher = teacher.to(torch.bfloat16).to(acc)
     return teacher, has_teacher
+
+
+_BUCKET_FLOOR = 1e-6  # the student's mass outside the teacher's ids is never taken below this
+
+
+def _log_outside(
+    topk_logit: torch.Tensor, present: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``log(1 - S)`` (floored at ``_BUCKET_FLOOR``), ``S`` and where the floor is not
+    reached: ``S`` is the student's probability on the teacher's ids."""
+    log_inside = torch.logsumexp(topk_logit.masked_fill(~present, float("-inf")), -1) - lse
+    outside = -torch.expm1(log_inside)
+    active = outside > _BUCKET_FLOOR
+    return torch.log(torch.clamp(outside, min=_BUCKET_FLOOR)), torch.exp(log_inside), active
 
 
 def sparse_fusion_loss(
@@ -114,6 +135,7 @@ def sparse_fusion_loss(
     teacher_precision: TeacherPrecision = "fp32",
     lse: torch.Tensor | None = None,
     check_inputs: bool = True,
+    tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked mean over positions of ``CE(softmax(teacher top-k), softmax(student))``.
 
@@ -121,16 +143,22 @@ def sparse_fusion_loss(
     logit ``-inf`` are absent; positions with no entry at all are left out of the mean.
     ``teacher_precision="bf16"`` rounds the teacher probabilities to bf16 as the reference's
     dense target does. ``lse`` may pass in :func:`log_normaliser` of the student logits.
-    ``check_inputs`` validates shapes, ids and NaN (one device sync).
+    ``check_inputs`` validates shapes, ids and NaN (one device sync). ``tail`` ``[B, L]`` (the
+    teacher's mass outside its top-k) keeps that mass as one bucket: the teacher's top-k
+    probabilities are scaled to ``1 - tail`` and ``tail`` teaches the student's mass on every
+    other id, ``-tail·log(1 - Σ_k p_student)`` (``train.kd_tail: bucket``).
     """
     if check_inputs:
         _check_teacher(student_logits, topk_ids, topk_logits, mask)
     acc = accumulation_dtype(student_logits)
-    teacher, has_teacher = _teacher_probs(topk_logits, acc, teacher_precision)
+    teacher, has_teacher = _teacher_probs(topk_logits, acc, teacher_precision, tail)
     if lse is None:
         lse = log_normaliser(student_logits)
     picked = student_logits.gather(-1, topk_ids.long().clamp_min(0)).to(acc)
     per_position = -(teacher * (picked - lse[..., None])).sum(-1)
+    if tail is not None:
+        log_outside, _, _ = _log_outside(picked, topk_logits > float("-inf"), lse)
+        per_position = per_position - tail.to(acc).clamp(0, 1) * log_outside
     weight = mask.to(acc) * has_teacher.to(acc)
     return (per_position * weight).sum() / weight.sum().clamp_min(1.0)
 
@@ -163,33 +191,47 @@ class LossParts:
 
 
 class _FusedObjective(torch.autograd.Function):
-    """λ·Σ_t a_t·(lse_t − z_t[label_t]) + (1−λ)·Σ_t b_t·(lse_t·Σq_t − Σ_k q_tk·z_t[id_tk]).
+    """λ·Σ_t a_t·(lse_t − z_t[label_t]) + (1−λ)·Σ_t b_t·(lse_t·Σq_t − Σ_k q_tk·z_t[id_tk]
+    − w_t·log(1 − S_t)).
 
-    ``a``/``b`` are the masks of the two pieces divided by their counts (masked means).
-    Forward keeps only per-position values; backward writes the logits' gradient chunk by
-    chunk, ``(λa + (1−λ)b·Σq)·softmax(z) − λa·onehot(label) − (1−λ)b·q at the k ids``, so no
-    tensor of the logits' size exists besides the logits and their gradient. Returns the
-    total and, for logging, the two unweighted means.
+    ``a``/``b`` are the masks of the two pieces divided by their counts (masked means); ``w``
+    the bucket weight (the teacher's tail, 0 when it is renormalised away) and ``S`` the
+    student's probability on the teacher's ids. Forward keeps only per-position values;
+    backward writes the logits' gradient chunk by chunk, ``(λa + (1−λ)b·(Σq − wS/(1−S)))·
+    softmax(z) − λa·onehot(label) − (1−λ)b·(q − w·p/(1−S)) at the k ids``, so no tensor of the
+    logits' size exists besides the logits and their gradient. Returns the total and, for
+    logging, the two unweighted means.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, clm_norm, topk_ids, teacher, fusion_norm, lam):
+    def forward(
+        ctx, logits, labels, clm_norm, topk_ids, teacher, present, bucket, fusion_norm, lam
+    ):
         rows = logits.reshape(-1, logits.shape[-1])
         lse = _chunked_logsumexp(logits)
         label_logit = rows.gather(-1, labels.reshape(-1, 1)).squeeze(-1).to(lse.dtype)
         topk_logit = rows.gather(-1, topk_ids.reshape(rows.shape[0], -1)).to(lse.dtype)
         q = teacher.reshape(rows.shape[0], -1)
-        a, b = clm_norm.reshape(-1), fusion_norm.reshape(-1)
+        present = present.reshape(rows.shape[0], -1)
+        a, b, w = clm_norm.reshape(-1), fusion_norm.reshape(-1), bucket.reshape(-1).to(lse.dtype)
+        log_outside, inside, active = _log_outside(topk_logit, present, lse)
         clm = (a * (lse - label_logit)).sum()
-        fusion = (b * (lse * q.sum(-1) - (q * topk_logit).sum(-1))).sum()
-        ctx.save_for_backward(logits, lse, labels, a, topk_ids, q, b)
+        fusion = (b * (lse * q.sum(-1) - (q * topk_logit).sum(-1) - w * log_outside)).sum()
+        # d/dz of −w·log(1 − S): w/(1 − S)·(p at the teacher's ids − S·softmax(z)); none
+        # where 1 − S is held at its floor (as the clamp's own derivative says)
+        outside = torch.exp(log_outside)
+        w = w * active
+        p_ids = torch.exp(topk_logit - lse[:, None]).masked_fill(~present, 0.0)
+        q_bucket = q - (w / outside)[:, None] * p_ids
+        mass = q.sum(-1) - w * inside / outside
+        ctx.save_for_backward(logits, lse, labels, a, topk_ids, q_bucket, mass, b)
         ctx.lam = lam
         ctx.mark_non_differentiable(clm, fusion)
         return lam * clm + (1 - lam) * fusion, clm, fusion
 
     @staticmethod
     def backward(ctx, grad_total, _grad_clm, _grad_fusion):
-        logits, lse, labels, a, topk_ids, q, b = ctx.saved_tensors
+        logits, lse, labels, a, topk_ids, q, mass, b = ctx.saved_tensors
         a, b = ctx.lam * a, (1 - ctx.lam) * b
         rows = logits.reshape(-1, logits.shape[-1])
         ids, labels = topk_ids.reshape(rows.shape[0], -1), labels.reshape(-1)
@@ -201,12 +243,12 @@ class _FusedObjective(torch.autograd.Function):
             chunk = slice(start, start + step)
             grad = out[chunk] if in_place else torch.empty_like(rows[chunk], dtype=lse.dtype)
             torch.sub(rows[chunk].to(lse.dtype), lse[chunk, None], out=grad)
-            grad.exp_().mul_((a[chunk] + b[chunk] * q[chunk].sum(-1))[:, None])
+            grad.exp_().mul_((a[chunk] + b[chunk] * mass[chunk])[:, None])
             grad.scatter_add_(1, labels[chunk, None], -a[chunk, None])
             grad.scatter_add_(1, ids[chunk], -(b[chunk, None] * q[chunk]))
             if not in_place:
                 out[chunk] = grad.to(out.dtype)
-        return out.reshape(logits.shape), None, None, None, None, None, None
+        return out.reshape(logits.shape), None, None, None, None, None, None, None, None
 
 
 def fusion_objective(
@@ -220,12 +262,13 @@ def fusion_objective(
     lam: float = 0.9,
     teacher_precision: TeacherPrecision = "fp32",
     check_inputs: bool = True,
+    tail: torch.Tensor | None = None,
 ) -> LossParts:
     """``λ·L_CLM + (1−λ)·L_fusion`` as one fused pass over the logits.
 
     Equal to ``λ·clm_loss(...) + (1−λ)·sparse_fusion_loss(...)`` (masked means over their
-    own positions), but the backward builds the logits' gradient directly: the step costs
-    about what the CLM loss alone costs, in time and in memory.
+    own positions; ``tail`` as there), but the backward builds the logits' gradient directly:
+    the step costs about what the CLM loss alone costs, in time and in memory.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam (λ) must lie in [0, 1], got {lam}")
@@ -233,7 +276,8 @@ def fusion_objective(
     if check_inputs:
         _check_teacher(student_logits, topk_ids, topk_logits, fusion_mask)
     acc = accumulation_dtype(student_logits)
-    teacher, has_teacher = _teacher_probs(topk_logits, acc, teacher_precision)
+    teacher, has_teacher = _teacher_probs(topk_logits, acc, teacher_precision, tail)
+    bucket = torch.zeros_like(teacher[..., 0]) if tail is None else tail.to(acc).clamp(0, 1)
     labels = torch.nn.functional.pad(input_ids[:, 1:].long(), (0, 1))  # last position: none
     clm_mask = torch.nn.functional.pad(attention_mask[:, 1:].to(acc), (0, 1))
     fusion_mask = fusion_mask.to(acc) * has_teacher.to(acc)
@@ -243,6 +287,8 @@ def fusion_objective(
         clm_mask / clm_mask.sum().clamp_min(1.0),
         topk_ids.long().clamp_min(0),
         teacher,
+        topk_logits > float("-inf"),
+        bucket,
         fusion_mask / fusion_mask.sum().clamp_min(1.0),
         lam,
     )

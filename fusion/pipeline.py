@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from fusion import __version__
 from fusion.align import VocabBridge, detect_marker, exact_vocab_map, mined_vocab_map
 from fusion.align.cache import cached_map
+from fusion.align.projection import ByteProjection, build_projection
 from fusion.cluster import SMALL_CPU, check_cluster, cluster_maximum, stage_actors, unused_gpus
 from fusion.config import FusionConfig
 from fusion.corpus import CorpusError, Shard, plan_shards
@@ -38,7 +39,7 @@ from fusion.progress import Meter
 from fusion.rows import FUSED, TARGET, schema
 from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
 
-DATA_FORMAT = "fusion-teacher-data/2"  # /2: fallback marks, per-position choices, NLL columns
+DATA_FORMAT = "fusion-teacher-data/3"  # /3: tail mass per distribution, NLL bytes, bytes method
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,23 @@ def candidates(config: FusionConfig) -> list[str]:
     return ([TARGET] if config.target.as_teacher else []) + [s.name for s in config.sources]
 
 
+def build_projections(config: FusionConfig) -> dict[str, ByteProjection]:
+    """One byte projection per source (``align.method: bytes``), built once in the driver
+    (or read from ``align.map_cache``) and shipped to the source's actors."""
+    if config.align.method != "bytes":
+        return {}
+    target = model_tokenizer(config.target)
+    return {
+        source.name: build_projection(model_tokenizer(source), target, cache=config.align.map_cache)
+        for source in config.sources
+    }
+
+
 def build_bridges(config: FusionConfig) -> dict[str, VocabBridge]:
-    """One vocabulary bridge per source, computed once in the driver and shipped to actors."""
+    """One vocabulary bridge per source, computed once in the driver and shipped to actors
+    (none with ``align.method: bytes``, which needs no vocabulary map)."""
+    if config.align.method == "bytes":
+        return {}
     target = model_tokenizer(config.target)
     target_vocab, target_marker = vocab_list(target), detect_marker(target)
     target_specials = special_tokens(target)
@@ -168,7 +184,7 @@ def teacher_dataset(
     and the first ``skip[shard]`` chunks of a shard: where a resumed stream starts)."""
     import ray
 
-    bridges = build_bridges(config)
+    bridges, projections = build_bridges(config), build_projections(config)
     pool = ray.data.ActorPoolStrategy
     actors = stage_actors(config, len(shards))
     descriptors = [s.descriptor() for s in shards]
@@ -198,13 +214,14 @@ def teacher_dataset(
                 "num_gpus": model.num_gpus,
                 "top_k": config.align.top_k,
                 "mode": config.align.mode,
+                "projection": projections.get(name),
             },
             batch_size=model.batch_size,
             compute=pool(size=count),
             num_cpus=model.num_cpus,
             num_gpus=model.num_gpus,
         )
-        if name != TARGET:
+        if name in bridges:
             dataset = dataset.map_batches(
                 AlignStage,
                 fn_constructor_kwargs={
@@ -267,6 +284,7 @@ def prepare(
                 "table_schema": table_schema,
                 "top_k": config.align.top_k,
                 "candidates": names,
+                "vocab_size": len(vocab_list(model_tokenizer(config.target))),
             },
             batch_size=config.output.rows_per_file,
             num_cpus=SMALL_CPU,

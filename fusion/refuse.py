@@ -21,7 +21,7 @@ from fusion.chunking import encode
 from fusion.config import FuseConfig, FusionConfig
 from fusion.corpus import Shard
 from fusion.errors import FusionError
-from fusion.models import model_tokenizer
+from fusion.models import model_tokenizer, vocab_list
 from fusion.output import OutputDir, complete_manifest
 from fusion.pipeline import PrepareSummary, candidates, fingerprint, finish, summary_of
 from fusion.rows import FUSED, schema, table_to_batch
@@ -94,5 +94,7 @@ def refuse(
         batch["shard"] = [shard.index] * table.num_rows
         batch["shard_total"] = [table.num_rows] * table.num_rows
         fused = fuse_batch(batch, names, config.fuse, config.align.mode)
-        write_batch(fused, out.path, table_schema, config.align.top_k, names)
+        write_batch(
+            fused, out.path, table_schema, config.align.top_k, names, len(vocab_list(tokenizer))
+        )
     return finish(out, config, out.progress(), shards, 0, started, resolved)

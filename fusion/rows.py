@@ -1,9 +1,11 @@
 """The row contract (design §2) as an Arrow schema, and batches turned into Arrow tables.
 
 One row per chunk, real tokens only: ``id``, ``domain``, ``text``, ``input_ids`` (int32), per
-distribution ``<name>.topk_ids`` (list of fixed-size lists of int32, target ids, -1 unused)
-and ``<name>.topk_logits`` (float16, -inf unused); per candidate ``<name>.ce`` (mean
-next-token NLL per token of its own tokenization) and ``<name>.nll`` (their sum, nats); per
+distribution ``<name>.topk_ids`` (list of fixed-size lists of int32, target ids, -1 unused),
+``<name>.topk_logits`` (float16, -inf unused) and ``<name>.tail`` (list of float16: the
+probability outside the stored top-k); per candidate ``<name>.ce`` (mean next-token NLL per
+token of its own tokenization), ``<name>.nll`` (their sum, nats) and ``<name>.nll_bytes`` (the
+UTF-8 bytes those tokens cover); per
 source ``<name>.aligned`` (list of bool: the position holds the source's own aligned
 distribution, not the one-hot fallback); and ``fused.choice`` (list of int8 per position:
 the candidate taken, -1 an AvgCE mixture, -2 no candidate could teach there). Plain Arrow
@@ -36,10 +38,12 @@ def schema(distributions: Sequence[str], top_k: int) -> pa.Schema:
             pa.field(
                 f"{name}.topk_logits", pa.list_(pa.list_(pa.float16(), top_k)), nullable=False
             ),
+            pa.field(f"{name}.tail", pa.list_(pa.float16()), nullable=False),
         ]
         if name != FUSED:
             fields.append(pa.field(f"{name}.ce", pa.float32(), nullable=False))
             fields.append(pa.field(f"{name}.nll", pa.float32(), nullable=False))
+            fields.append(pa.field(f"{name}.nll_bytes", pa.int32(), nullable=False))
         if name not in (FUSED, TARGET):
             fields.append(pa.field(f"{name}.aligned", pa.list_(pa.bool_()), nullable=False))
     fields.append(pa.field(f"{FUSED}.choice", pa.list_(pa.int8()), nullable=False))

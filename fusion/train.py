@@ -99,10 +99,11 @@ def check_dataset(run: FusionConfig) -> dict:
     first = Path(files[0])
     needed = teacher_columns(teacher)
     absent = [c for c in needed if c not in schema.names]
-    if absent == [own_column(teacher)]:
+    if absent and set(absent) <= {own_column(teacher), f"{teacher}.tail"}:
         raise DatasetMismatchError(
-            f"{first.name} lacks the column {absent[0]!r} that marks the teacher's fallback "
-            "positions: it was prepared by an older fusion; re-run `fusion prepare`"
+            f"{first.name} lacks the columns {absent} (the teacher's fallback positions and "
+            "the mass outside its top-k): it was prepared by an older fusion; re-run "
+            "`fusion prepare`"
         )
     if absent:
         teachers = sorted({n.split(".")[0] for n in schema.names if n.endswith(".topk_ids")})

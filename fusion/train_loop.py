@@ -156,8 +156,15 @@ class Engine:
     def module(self) -> torch.nn.Module:
         return self.model.module if hasattr(self.model, "module") else self.model
 
-    def micro_step(self, batch: dict[str, torch.Tensor], lam: float, teacher_precision: str):
+    def micro_step(
+        self,
+        batch: dict[str, torch.Tensor],
+        lam: float,
+        teacher_precision: str,
+        kd_tail: str = "renormalise",
+    ):
         """Forward and backward one micro-batch; step the optimizer at accumulation boundaries.
+        ``kd_tail`` 'bucket' teaches the teacher's mass outside its top-k (``batch["tail"]``).
 
         Returns the detached loss parts and whether the optimizer stepped.
         """
@@ -183,6 +190,7 @@ class Engine:
                 batch["teacher_mask"],
                 lam=lam,
                 teacher_precision=teacher_precision,
+                tail=batch["tail"] if kd_tail == "bucket" else None,
             )
             if deepspeed:
                 self.model.backward(parts.total)  # scales by 1 / accumulation itself
@@ -378,7 +386,9 @@ def _train(loop_config: dict) -> None:
                     mine, train.teacher, mask_fallback=train.mask_fallback, bos=bos
                 ).items()
             }
-            parts, stepped = engine.micro_step(batch, train.lam, train.teacher_precision)
+            parts, stepped = engine.micro_step(
+                batch, train.lam, train.teacher_precision, train.kd_tail
+            )
             window.add(parts)
             step_tokens += int(batch["attention_mask"].sum())
             progress.micro_in_epoch = index + 1

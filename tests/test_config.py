@@ -76,6 +76,18 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         (_raw(**{"data.paths": []}), "data.paths: List should have at least 1 item"),
         ({"target": {"path": "t"}}, "sources: required but missing"),
         (["not", "a", "mapping"], "must be a mapping"),
+        (_raw(**{"align.method": "bytes"}), "align.method 'bytes' is a clean-mode method"),
+        (
+            _raw(
+                **{
+                    "align.method": "bytes",
+                    "align.mode": "clean",
+                    "sources.0.backend": "vllm",
+                }
+            ),
+            r"sources.0.backend: 'vllm' gives only a top-k",
+        ),
+        (_raw(**{"train.kd_tail": "spread"}), r"train.kd_tail: .*'renormalise' or 'bucket'"),
     ],
 )
 def test_bad_configs_name_the_field(raw, message):

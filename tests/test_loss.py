@@ -148,3 +148,43 @@ def test_fused_objective_on_bf16_logits_matches_float32():
     assert fused.total.item() == pytest.approx(reference.total.item(), rel=1e-5)
     assert half.grad.dtype == torch.bfloat16
     torch.testing.assert_close(half.grad.double(), wide.grad, rtol=2e-2, atol=1e-3)
+
+
+def _dense_bucket_loss(student, ids, logits, tail, mask):
+    """kd_tail 'bucket' in dense form: the teacher's top-k scaled to 1 - tail on its ids and
+    the tail on the student's probability of every other id."""
+    present = logits > float("-inf")
+    probs = torch.softmax(logits.masked_fill(~present.any(-1, keepdim=True), 0.0), -1) * present
+    dense = torch.zeros_like(student).scatter_add_(-1, ids.clamp_min(0), probs)
+    log_p = torch.log_softmax(student, -1)
+    on_ids = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, ids.clamp_min(0), present)
+    outside = torch.log1p(-(log_p.exp() * on_ids).sum(-1))
+    per_position = -((1 - tail) * (dense * log_p).sum(-1) + tail * outside)
+    weight = mask * present.any(-1)
+    return (per_position * weight).sum() / weight.sum()
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_bucket_tail_equals_the_dense_bucket_loss_in_value_and_gradient(lam):
+    student, ids, logits, mask = _teacher(seed=7)
+    tail = torch.rand(student.shape[:2], generator=torch.Generator().manual_seed(8)) * 0.6
+    tail[0, 0] = 0.0  # a teacher that holds everything: the bucket teaches nothing
+    input_ids = torch.randint(
+        0, student.shape[-1], student.shape[:2], generator=torch.Generator().manual_seed(9)
+    )
+    attention = torch.ones_like(mask)
+    fused_student = student.clone().requires_grad_(True)
+    dense_student = student.clone().requires_grad_(True)
+    sparse = sparse_fusion_loss(student, ids, logits, mask, tail=tail.double())
+    parts = fusion_objective(
+        fused_student, input_ids, attention, ids, logits, mask, lam=lam, tail=tail.double()
+    )
+    dense = _dense_bucket_loss(dense_student, ids, logits, tail.double(), mask)
+    expected = lam * clm_loss(dense_student, input_ids, attention) + (1 - lam) * dense
+    parts.total.backward()
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-10)
+    assert parts.fusion.item() == pytest.approx(dense.item(), rel=1e-10)
+    expected.backward()
+    torch.testing.assert_close(fused_student.grad, dense_student.grad, rtol=0, atol=1e-10)
+    renormalised = sparse_fusion_loss(student, ids, logits, mask)
+    assert renormalised.item() != pytest.approx(sparse.item(), rel=1e-3)  # the tail is taught

@@ -26,7 +26,7 @@ from fusion.cli import app
 from fusion.cluster import ClusterError, check_cluster, cluster_maximum
 from fusion.config import parse_config
 from fusion.models import load_tokenizer
-from fusion.pipeline import build_bridges, prepare
+from fusion.pipeline import build_bridges, build_projections, prepare
 from fusion.stages import align_row
 from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 
@@ -141,6 +141,51 @@ def test_aligned_top_k_equals_the_alignment_functions_called_directly(prepared):
             assert np.asarray(row[f"{source.name}.topk_ids"]).tolist() == ids.tolist()
             stored = np.asarray(row[f"{source.name}.topk_logits"], dtype=np.float32)
             assert np.array_equal(stored, logits.astype(np.float16).astype(np.float32))
+
+
+def test_bytes_method_stores_each_sources_projection_as_the_backend_computes_it(
+    world, ray_cluster, tmp_path
+):
+    """align.method bytes: every source teaches at every target position of the text, in
+    target ids, as HFTopK.read_projected gives it; the manifest reports fidelity."""
+    raw = _raw_config(
+        world,
+        tmp_path / "out",
+        align={"method": "bytes", "mode": "clean", "map_cache": str(tmp_path / "maps")},
+        fuse={"method": "min_ce", "granularity": "token"},
+    )
+    raw["data"]["paths"] = [str(world / "corpus" / "a.jsonl")]
+    raw["sources"] = [s for s in raw["sources"] if s["name"] in ("coder", "counter")]
+    config = parse_config(raw)
+    prepare(config, quiet=True)
+    out = tmp_path / "out"
+    found = json.loads((out / "manifest.json").read_text())["diagnostics"]
+    for name in ("coder", "counter"):
+        stats = found["candidates"][name]
+        assert stats["coverage"] > 0.99
+        assert stats["bits_per_byte"] > 0 and stats["own_bits_per_byte"] > 0
+    assert found["fused"]["bits_per_byte"] > 0
+    projections = build_projections(config)
+    target_tokenizer = load_tokenizer(config.target.path)
+    rows = pq.read_table(out / "data").sort_by("id").slice(0, 4).to_pylist()
+    for index, source in enumerate(config.sources):
+        reader = HFTopK(source, f"sources.{index}", num_gpus=0, top_k=10)
+        for row in rows:
+            input_ids = np.asarray(row["input_ids"], np.int32)
+            target_offsets = encode(target_tokenizer, row["text"], False)[1]
+            ids, offsets = reader.encode(row["text"], len(input_ids) > len(target_offsets))
+            plan = projections[source.name].plan(
+                row["text"], input_ids, target_offsets, ids, offsets, reader.bos is not None
+            )
+            got = reader.read_projected([ids], [row["id"]], [plan], projections[source.name])[0]
+            n = len(target_offsets)
+            assert row[f"{source.name}.aligned"][:n] == got.aligned.tolist()
+            assert not any(row[f"{source.name}.aligned"][n:])  # the EOS position
+            assert np.asarray(row[f"{source.name}.topk_ids"])[:n].tolist() == got.ids.tolist()
+            stored = np.asarray(row[f"{source.name}.topk_logits"], dtype=np.float32)[:n]
+            assert np.array_equal(stored, got.logits.astype(np.float16).astype(np.float32))
+            tail = np.asarray(row[f"{source.name}.tail"], dtype=np.float32)[:n]
+            assert np.array_equal(tail, got.tail.astype(np.float16).astype(np.float32))
 
 
 def test_rerun_on_a_complete_output_does_nothing_and_keeps_the_files(prepared):

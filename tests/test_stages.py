@@ -27,6 +27,8 @@ def _batch():
         "text": np.asarray(["abc"], dtype=object),
         "target.nll": np.asarray([2.0], np.float32),
         "src.nll": np.asarray([6.0], np.float32),
+        "target.tail": object_array([np.asarray([0.1, 0.2, 0.3], np.float32)]),
+        "src.tail": object_array([np.asarray([0.4, 0.05, 0.0], np.float32)]),
     }
 
 
@@ -105,3 +107,26 @@ def test_model_actors_use_the_configured_torch_threads(model_dirs):
             assert torch.get_num_threads() == expected
     finally:
         torch.set_num_threads(before)
+
+
+def test_fused_tail_is_the_chosen_candidates_or_what_the_mixture_leaves_out():
+    batch = _batch()
+    token = fuse_batch(batch, ["target", "src"], FuseConfig(granularity="token"), "clean")
+    # choices [target, src, none]: tails 0.1 (target's), 0.05 (src's), 0 (no teacher)
+    np.testing.assert_allclose(token["fused.tail"][0], [0.1, 0.05, 0.0], rtol=1e-6)
+    avg_ce = FuseConfig(method="avg_ce", granularity="token")
+    mixed = fuse_batch(_batch(), ["target", "src"], avg_ce, "clean")
+    # position 0 by hand: AvgCE weights softmax(-ce) over the per-token CEs of both candidates
+    # (both hold the label 6), each candidate's top-k renormalised, its full distribution
+    # scaled by 1 - tail; the tail is what that mixture puts outside the ids it keeps.
+    target_p = np.exp([2.0, 0.0]) / np.exp([2.0, 0.0]).sum()  # ids 6, 1
+    src_p = np.exp([3.0, 0.0]) / np.exp([3.0, 0.0]).sum()  # ids 1, 6
+    ce = np.array([-np.log(target_p[0]), -np.log(src_p[1])])
+    weights = np.exp(-ce) / np.exp(-ce).sum()
+    kept = set(mixed["fused.topk_ids"][0][0].tolist()) - {PAD_ID}
+    on_kept = [
+        sum(p for i, p in zip([6, 1], target_p, strict=True) if i in kept),
+        sum(p for i, p in zip([1, 6], src_p, strict=True) if i in kept),
+    ]
+    expected = 1 - (weights * np.array([0.9, 0.6]) * on_kept).sum()
+    assert mixed["fused.tail"][0][0] == pytest.approx(expected, rel=1e-6)

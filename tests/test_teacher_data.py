@@ -4,9 +4,11 @@ diagnostics are exact, `fusion inspect` shows them, `fusion refuse` re-fuses wit
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow.parquet as pq
 import pytest
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from fusion.cli import app
@@ -68,12 +70,70 @@ def test_per_token_fusion_takes_only_candidates_whose_top_k_holds_the_label(prep
     assert seen_fallback_and_target
 
 
+def _label_probability(ids, logits, tail, label, vocab_size) -> float:
+    """p(label) of a stored distribution: its top-k renormalised and scaled by 1 - tail, or
+    the tail shared evenly by the ids it does not hold (a tail of 0 counts as 2**-24)."""
+    kept = [(i, z) for i, z in zip(ids, logits, strict=True) if i >= 0 and z > -math.inf]
+    tail = max(tail, 2.0**-24)
+    top = max(z for _, z in kept)
+    total = sum(math.exp(z - top) for _, z in kept)
+    for i, z in kept:
+        if i == label:
+            return (1 - tail) * math.exp(z - top) / total
+    return tail / (vocab_size - len(kept))
+
+
+def _fidelity(rows, root):
+    """Per candidate: stored nats and label bytes where it has its own distribution, its own
+    NLL and the bytes that NLL predicts; for the fused teacher, over every position it teaches.
+    Bytes are label spans end to end, from each model's own character offsets."""
+    target = AutoTokenizer.from_pretrained(root / "target")
+    source = AutoTokenizer.from_pretrained(root / "source")
+    vocab = len(target.get_vocab())
+    sums = {name: [0.0, 0, 0.0, 0] for name in [*CANDIDATES, "fused"]}
+    for row in rows:
+        text, ids = row["text"], row["input_ids"]
+        ends = [
+            e
+            for _, e in target(text, add_special_tokens=False, return_offsets_mapping=True)[
+                "offset_mapping"
+            ]
+        ]
+        for name, tokenizer in (("target", target), ("src", source)):
+            own = [
+                e
+                for _, e in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+                    "offset_mapping"
+                ]
+            ]
+            sums[name][2] += row[f"{name}.nll"]
+            sums[name][3] += len(text[own[0] : own[-1]].encode())  # no BOS: token 0 unread
+        for t in range(len(ids) - 1):
+            size = len(text[ends[t] : ends[t + 1]].encode()) if t + 1 < len(ends) else 0
+            has = {
+                "target": True,
+                "src": row["src.aligned"][t],
+                "fused": row["fused.choice"][t] != -2,
+            }
+            for name in sums:
+                if has[name]:
+                    p = _label_probability(
+                        row[f"{name}.topk_ids"][t],
+                        row[f"{name}.topk_logits"][t],
+                        row[f"{name}.tail"][t],
+                        ids[t + 1],
+                        vocab,
+                    )
+                    sums[name][0] -= math.log(p)
+                    sums[name][1] += size
+    return sums
+
+
 def test_manifest_diagnostics_equal_counts_taken_from_the_rows(prepared_world):
     root, _ = prepared_world
     found = json.loads((root / "data" / "manifest.json").read_text())["diagnostics"]
-    positions, aligned, holds, taught, no_teacher, over_real = _expected_counts(
-        _rows(root / "data")
-    )
+    rows = _rows(root / "data")
+    positions, aligned, holds, taught, no_teacher, over_real = _expected_counts(rows)
     assert found["positions"] == positions
     assert found["candidates"]["src"]["coverage"] == round(aligned["src"] / positions, 4)
     assert found["candidates"]["target"]["coverage"] == 1.0
@@ -82,7 +142,28 @@ def test_manifest_diagnostics_equal_counts_taken_from_the_rows(prepared_world):
         assert found["candidates"][name]["taught"] == round(taught.get(index, 0) / positions, 4)
     assert found["fused"]["no_teacher"] == round(no_teacher / positions, 4)
     assert found["fused"]["fallback_over_real"] == over_real == 0
-    assert 0 < found["fused"]["ce_bits_per_byte"] < 30
+    assert found["fused"]["mixed"] == 0  # MinCE never mixes
+    fused_holds = sum(
+        _label_in(row["fused.topk_ids"][t], row["input_ids"][t + 1])
+        for row in rows
+        for t in range(len(row["input_ids"]) - 1)
+        if row["fused.choice"][t] != -2
+    )
+    assert found["fused"]["label_in_topk"] == round(fused_holds / positions, 4)
+    sums = _fidelity(rows, root)
+    for name in CANDIDATES:
+        stored, own = (
+            found["candidates"][name]["bits_per_byte"],
+            found["candidates"][name]["own_bits_per_byte"],
+        )
+        assert stored == pytest.approx(sums[name][0] / math.log(2) / sums[name][1], abs=1e-4)
+        assert own == pytest.approx(sums[name][2] / math.log(2) / sums[name][3], abs=1e-4)
+        assert found["candidates"][name]["stored_vs_own"] == pytest.approx(stored / own, abs=1e-3)
+    nats, size = sums["fused"][0], sums["fused"][1]
+    assert found["fused"]["bits_per_byte"] == pytest.approx(nats / math.log(2) / size, abs=1e-4)
+    assert found["fused"]["ce_nats_per_token"] == pytest.approx(
+        nats / (positions - no_teacher), abs=1e-4
+    )
 
 
 def test_inspect_prints_the_figures_and_one_row_side_by_side(prepared_world):

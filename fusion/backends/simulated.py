@@ -32,7 +32,8 @@ class SimulatedTopK:
         self.vocab_size = len(self.tokenizer)
         self.max_length = model.max_length
         self.logits = -np.arange(top_k, dtype=np.float32)  # top-1 .. top-k, falling
-        self.label_nll = float(np.log(np.exp(self.logits).sum()) - self.logits[0])
+        self.lse = float(np.log(np.exp(self.logits).sum()))  # the top-k is the whole distribution
+        self.label_nll = self.lse - float(self.logits[0])
 
     def encode(self, text: str, has_eos: bool) -> tuple[np.ndarray, np.ndarray]:
         return encode_for_reading(self.tokenizer, text, has_eos, self.max_length, self.bos)
@@ -54,4 +55,5 @@ class SimulatedTopK:
             np.broadcast_to(self.logits, (length, self.top_k)).copy(),
             self.label_nll if length > 1 else float("inf"),
             nll if length > 1 else float("inf"),
+            np.full(length, self.lse, dtype=np.float32),
         )

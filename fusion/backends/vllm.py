@@ -140,6 +140,7 @@ class VLLMTopK:
                 )
             if p + 1 < len(sequence):
                 nll.append(-entries[int(sequence[p + 1])].logprob)
+        normalised = np.zeros(len(sequence), dtype=np.float32)  # vLLM gives log-probabilities
         if not nll:
-            return TopK(ids, values, float("inf"), float("inf"))
-        return TopK(ids, values, float(np.mean(nll)), float(np.sum(nll)))
+            return TopK(ids, values, float("inf"), float("inf"), normalised)
+        return TopK(ids, values, float(np.mean(nll)), float(np.sum(nll)), normalised)

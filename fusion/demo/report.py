@@ -199,7 +199,7 @@ def _teacher_table(teacher_data: Mapping[str, dict]) -> str:
     fused teacher's no-teacher share and CE."""
     rows = [
         "| data set | candidate: coverage / label in top-k / taught | no teacher | fallback "
-        "over a real candidate | fused CE (bits/byte) |",
+        "over a real candidate | fused teacher (bits/byte) |",
         "|---|---|---|---|---|",
     ]
     for name, entry in teacher_data.items():
@@ -213,7 +213,7 @@ def _teacher_table(teacher_data: Mapping[str, dict]) -> str:
         fused = found["fused"]
         rows.append(
             f"| {name} | {cells} | {fused['no_teacher']:.3f} | {fused['fallback_over_real']} | "
-            f"{fused['ce_bits_per_byte']:.3f} |"
+            f"{fused['bits_per_byte']:.3f} |"
         )
     return "\n".join(rows)
 

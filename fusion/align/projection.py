@@ -1,0 +1,384 @@
+"""Byte-consistent projection of a source's full next-token distribution into target ids.
+
+At target position ``i`` the target has read the text up to ``c``, the end of its token ``i``.
+Let ``b`` be the start of the source token that covers byte ``c`` in the source's own
+tokenization (token spans end to end, leading spaces included), so ``p = text[b:c]`` is the
+part of that source token already read. The source's distribution at the position that
+predicts the token starting at ``b`` is restricted to the tokens whose bytes begin with ``p``
+and go beyond it; each gives its probability to the target token that starts at byte ``|p|``
+in the target tokenizer's own cut of that token's text. A token the target would not cut at
+``|p|`` is inconsistent with the target having stopped at ``c`` and teaches nothing; the rest
+are renormalised (the distribution of the next target token given that the target cut at
+``c``). The source's EOS goes to the target's EOS where ``p`` is empty.
+
+The cut of every source token is computed once per tokenizer pair (:func:`build_projection`,
+cached on disk) as one table entry per (token, byte offset); a position then costs a prefix
+search in the sorted source vocabulary and one scatter-add over the matching tokens
+(:meth:`ByteProjection.project`), on the device that computed the probabilities.
+
+Where a source token is shorter than the target token the text continues with (a small
+source into a larger target), the mass goes to the target's cut of the source token alone,
+a shorter target token than the one the target emits there: the rule reads one source token
+ahead, never two.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fusion.files import write_bytes_atomically
+
+_FORMAT = "fusion-byte-projection/1"
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+NONE = -1  # "no target token" in the tables and plans
+
+
+def _byte_level_decoding() -> dict[str, int]:
+    """The byte-level BPE alphabet read backwards: each printable stand-in to its byte.
+
+    Bytes that print as themselves keep their character; the others (controls, space, the
+    bytes from 127 to 160 and 173) are numbered into characters from U+0100 on, in byte order.
+    """
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in kept}
+    extra = 0
+    for byte in range(256):
+        if byte not in kept:
+            table[chr(0x100 + extra)] = byte
+            extra += 1
+    return table
+
+
+def _decoder_kinds(tokenizer) -> set[str]:
+    """Every decoder type in a fast tokenizer's pipeline (nested sequences included)."""
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if "type" in node:
+                found.add(node["type"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
+    return found
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """The UTF-8 bytes each id stands for, in id order; ``None`` for special tokens and ids
+    no token uses. Byte-level tokens and ``<0xNN>`` byte-fallback tokens give their exact
+    bytes (a piece of a character included); other tokens are decoded after a letter, so a
+    decoder that strips a leading space at the start of a text keeps it here."""
+    from fusion.models import UNUSED_PREFIX, vocab_list
+
+    vocab = vocab_list(tokenizer)
+    special = set(tokenizer.all_special_ids) | {
+        token_id for token_id, added in tokenizer.added_tokens_decoder.items() if added.special
+    }
+    kinds = _decoder_kinds(tokenizer)
+    decoder = tokenizer.backend_tokenizer.decoder
+    byte_level = _byte_level_decoding() if "ByteLevel" in kinds else None
+    out: list[bytes | None] = []
+    for token_id, token in enumerate(vocab):
+        if token_id in special or token.startswith(UNUSED_PREFIX):
+            out.append(None)
+        elif byte_level is not None and all(ch in byte_level for ch in token):
+            out.append(bytes(byte_level[ch] for ch in token))
+        elif "ByteFallback" in kinds and (match := _BYTE_TOKEN.match(token)):
+            out.append(bytes([int(match.group(1), 16)]))
+        elif decoder is None:
+            out.append(token.encode("utf-8"))
+        else:
+            text = decoder.decode(["a", token])
+            out.append((text[1:] if text.startswith("a") else decoder.decode([token])).encode())
+    return out
+
+
+def byte_ends(
+    pieces: Sequence[bytes | None], text: str, offsets: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """Where each token ends in ``text``'s UTF-8 bytes, spans taken end to end.
+
+    A token whose bytes are the text's next bytes takes exactly those (pieces of one
+    multi-byte character included); one that differs only by a leading space the text lacks
+    (a dummy prefix) takes the rest; any other (normalised text, unknown tokens) ends where
+    its character offsets say. ``pieces`` are the tokens' bytes (``None``: no text).
+    """
+    data = text.encode("utf-8")
+    char_bytes: np.ndarray | None = None
+    ends = np.empty(len(pieces), dtype=np.int64)
+    cursor = 0
+    for t, piece in enumerate(pieces):
+        if piece:
+            if data.startswith(piece, cursor):
+                cursor += len(piece)
+            elif piece[:1] == b" " and data.startswith(piece[1:], cursor):
+                cursor += len(piece) - 1
+            elif t < len(offsets):
+                if char_bytes is None:
+                    sizes = [len(ch.encode("utf-8")) for ch in text]
+                    char_bytes = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+                cursor = max(cursor, int(char_bytes[int(offsets[t][1])]))
+        ends[t] = cursor
+    return ends
+
+
+@dataclass(frozen=True)
+class PositionPlan:
+    """Where each target position of one row reads the source (``[n]`` arrays, target text
+    positions only): the source read index (:data:`NONE`: no teacher), the length of the
+    prefix already read, its range ``[lo, hi)`` in the sorted source vocabulary, and whether
+    the source token starts the chunk (the target's own start-of-text cut applies)."""
+
+    read_index: np.ndarray
+    prefix: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    at_start: np.ndarray
+
+
+@dataclass(frozen=True)
+class ByteProjection:
+    """The tables of one (source, target) tokenizer pair; see the module docstring."""
+
+    source_pieces: list[bytes | None]
+    target_pieces: list[bytes | None]
+    sorted_pieces: list[bytes]  # the source's text tokens, sorted by bytes
+    sorted_ids: np.ndarray  # int64: source id of each sorted entry
+    cut_start: np.ndarray  # int64 [V_s]: where each source token's row starts in the cut tables
+    cut_mid: np.ndarray  # int32: target id starting at each byte offset, mid-text cut
+    cut_first: np.ndarray  # int32: the same, cut as the start of a text
+    dense_mid: np.ndarray  # int64 [V_s]: target id of each whole source token (offset 0)
+    dense_first: np.ndarray
+    target_size: int
+
+    def plan(
+        self,
+        text: str,
+        target_ids: np.ndarray,
+        target_offsets: np.ndarray,
+        source_ids: np.ndarray,
+        source_offsets: np.ndarray,
+        bos_read: bool,
+    ) -> PositionPlan:
+        """The reading plan of one chunk: target position ``i`` (of the target's text tokens)
+        reads the source position that predicts the source token covering the end of target
+        token ``i``."""
+        n_target, n_source = len(target_offsets), len(source_offsets)
+        target_pieces = [self.target_pieces[t] for t in np.asarray(target_ids)[:n_target]]
+        source_pieces = [self.source_pieces[s] for s in np.asarray(source_ids)[:n_source]]
+        target_ends = byte_ends(target_pieces, text, target_offsets)
+        source_ends = byte_ends(source_pieces, text, source_offsets)
+        source_last = int(source_ends[-1]) if n_source else 0
+        data = text.encode("utf-8")
+        read = np.full(n_target, NONE, dtype=np.int64)
+        prefix = np.zeros(n_target, dtype=np.int64)
+        lo = np.zeros(n_target, dtype=np.int64)
+        hi = np.zeros(n_target, dtype=np.int64)
+        at_start = np.zeros(n_target, dtype=bool)
+        covering = np.searchsorted(source_ends, target_ends, side="right")
+        for i, (c, j) in enumerate(zip(target_ends.tolist(), covering.tolist(), strict=True)):
+            if j >= n_source and c != source_last:
+                continue  # beyond what the source read
+            b = int(source_ends[j - 1]) if j > 0 else 0
+            index = j + int(bos_read) - 1
+            if index < 0:
+                continue  # the first token: predicted only after a BOS
+            read[i], prefix[i], at_start[i] = index, c - b, b == 0
+            if c > b:
+                lo[i], hi[i] = self._prefix_range(data[b:c])
+        return PositionPlan(read, prefix, lo, hi, at_start)
+
+    def _prefix_range(self, prefix: bytes) -> tuple[int, int]:
+        """The sorted entries that begin with ``prefix`` and go beyond it."""
+        lo = bisect.bisect_right(self.sorted_pieces, prefix)  # after every token equal to it
+        hi = bisect.bisect_right(self.sorted_pieces, prefix, lo=lo, key=lambda p: p[: len(prefix)])
+        return lo, hi
+
+    def project(self, probs, prefix: np.ndarray, lo: np.ndarray, hi: np.ndarray, at_start):
+        """Target-space distributions ``[n, V_t]`` from source probabilities ``[n, V]`` (a
+        torch tensor; rows paired with ``prefix``/``lo``/``hi``/``at_start`` of their plan),
+        renormalised; a row with nothing to teach sums to 0."""
+        import torch
+
+        device = probs.device
+        out = torch.zeros(probs.shape[0], self.target_size, dtype=probs.dtype, device=device)
+        columns = probs.shape[1]
+        for first, dense in ((False, self.dense_mid), (True, self.dense_first)):
+            rows = np.flatnonzero((prefix == 0) & (np.asarray(at_start) == first))
+            if not rows.size:
+                continue
+            # ids that teach nothing add into one extra column, dropped afterwards
+            table = np.full(columns, self.target_size, dtype=np.int64)
+            known = dense[:columns]
+            table[: len(known)] = np.where(known >= 0, known, self.target_size)
+            picked = torch.as_tensor(rows, device=device)
+            part = torch.zeros(len(rows), self.target_size + 1, dtype=probs.dtype, device=device)
+            part.index_add_(1, torch.as_tensor(table, device=device), probs[picked])
+            out[picked] += part[:, : self.target_size]
+        partial = np.flatnonzero(prefix > 0)
+        if partial.size:
+            row_parts, source_parts, target_parts = [], [], []
+            for row in partial.tolist():
+                ids = self.sorted_ids[lo[row] : hi[row]]
+                cut = self.cut_first if at_start[row] else self.cut_mid
+                targets = cut[self.cut_start[ids] + prefix[row]]
+                keep = targets >= 0
+                row_parts.append(np.full(int(keep.sum()), row, dtype=np.int64))
+                source_parts.append(ids[keep])
+                target_parts.append(targets[keep].astype(np.int64))
+            rows_t = torch.as_tensor(np.concatenate(row_parts), device=device)
+            sources_t = torch.as_tensor(np.concatenate(source_parts), device=device)
+            targets_t = torch.as_tensor(np.concatenate(target_parts), device=device)
+            out.index_put_((rows_t, targets_t), probs[rows_t, sources_t], accumulate=True)
+        total = out.sum(-1, keepdim=True)
+        return out / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def _longest_text(data: bytes) -> str:
+    """The longest prefix of ``data`` that is whole UTF-8 characters, as text."""
+    for cut in range(len(data), max(len(data) - 4, 0) - 1, -1):
+        try:
+            return data[:cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return ""
+
+
+def _without_prefix_space(tokenizer_json: dict) -> dict:
+    """A tokenizer's JSON with every dummy prefix switched off: how it cuts text that does not
+    start a document (Metaspace ``prepend_scheme``, ByteLevel ``add_prefix_space``,
+    a ``Prepend`` normaliser)."""
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Prepend":
+                return None
+            node = {key: walk(value) for key, value in node.items()}
+            if node.get("type") == "Metaspace":
+                node["prepend_scheme"] = "never"
+                node.pop("add_prefix_space", None)
+            if node.get("type") == "ByteLevel" and "add_prefix_space" in node:
+                node["add_prefix_space"] = False
+            return node
+        if isinstance(node, list):
+            return [kept for kept in (walk(value) for value in node) if kept is not None]
+        return node
+
+    changed = dict(tokenizer_json)
+    for key in ("normalizer", "pre_tokenizer"):
+        changed[key] = walk(tokenizer_json.get(key))
+    return changed
+
+
+def _cut_table(
+    backend, pieces: list[bytes | None], target_pieces: list[bytes | None], starts: np.ndarray
+) -> np.ndarray:
+    """For every source token and byte offset, the target token that starts there when the
+    target tokenizes the token's text (:data:`NONE` where none does)."""
+    size = int(sum(len(p) for p in pieces if p))
+    table = np.full(size, NONE, dtype=np.int32)
+    ids = [i for i, p in enumerate(pieces) if p]
+    texts = [_longest_text(pieces[i]) for i in ids]
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    for source_id, text, encoding in zip(ids, texts, encodings, strict=True):
+        cut = [target_pieces[t] for t in encoding.ids]
+        ends = byte_ends(cut, text, encoding.offsets)
+        begin, base = 0, int(starts[source_id])
+        limit = len(text.encode("utf-8"))
+        for target_id, end in zip(encoding.ids, ends.tolist(), strict=True):
+            if end > begin and begin < limit and table[base + begin] == NONE:
+                table[base + begin] = target_id
+            begin = max(begin, end)
+    return table
+
+
+def projection_key(source, target) -> str:
+    """A hash of everything the tables depend on: both tokenizers whole."""
+    digest = hashlib.sha256(_FORMAT.encode())
+    for tokenizer in (source, target):
+        digest.update(b"\0" + tokenizer.backend_tokenizer.to_str().encode("utf-8"))
+        digest.update(json.dumps(sorted(tokenizer.all_special_ids)).encode())
+    return digest.hexdigest()[:32]
+
+
+def build_projection(source, target, *, cache: str | Path | None = None) -> ByteProjection:
+    """The projection tables of a (source, target) pair of fast tokenizers, read from
+    ``cache`` when an earlier run kept them (they take seconds at a 262k vocabulary)."""
+    from tokenizers import Tokenizer
+
+    file = None
+    if cache is not None:
+        file = Path(cache).expanduser() / f"byte-projection-{projection_key(source, target)}.npz"
+    source_pieces, target_pieces = token_bytes(source), token_bytes(target)
+    starts = np.full(len(source_pieces), NONE, dtype=np.int64)
+    lengths = np.asarray([len(p) if p else 0 for p in source_pieces], dtype=np.int64)
+    has_text = lengths > 0
+    starts[has_text] = np.concatenate([[0], np.cumsum(lengths[has_text])[:-1]])
+    loaded = _load(file)
+    if loaded is not None:
+        cut_mid, cut_first = loaded
+    else:
+        backend = target.backend_tokenizer
+        original = json.loads(backend.to_str())
+        mid_json = _without_prefix_space(original)
+        cut_first = _cut_table(backend, source_pieces, target_pieces, starts)
+        if mid_json == original:
+            cut_mid = cut_first
+        else:
+            mid = Tokenizer.from_str(json.dumps(mid_json))
+            cut_mid = _cut_table(mid, source_pieces, target_pieces, starts)
+        _save(file, cut_mid, cut_first)
+    eos_source, eos_target = source.eos_token_id, target.eos_token_id
+    dense = []
+    for cut in (cut_mid, cut_first):
+        table = np.full(len(source_pieces), NONE, dtype=np.int64)
+        table[has_text] = cut[starts[has_text]]
+        if eos_source is not None and eos_target is not None:
+            table[eos_source] = eos_target
+        dense.append(table)
+    order = sorted(np.flatnonzero(has_text).tolist(), key=source_pieces.__getitem__)
+    return ByteProjection(
+        source_pieces=source_pieces,
+        target_pieces=target_pieces,
+        sorted_pieces=[source_pieces[i] for i in order],
+        sorted_ids=np.asarray(order, dtype=np.int64),
+        cut_start=starts,
+        cut_mid=cut_mid,
+        cut_first=cut_first,
+        dense_mid=dense[0],
+        dense_first=dense[1],
+        target_size=len(target_pieces),
+    )
+
+
+def _load(file: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    if file is None or not file.is_file():
+        return None
+    try:
+        with np.load(file) as stored:
+            return stored["cut_mid"], stored["cut_first"]
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged entry: built again
+
+
+def _save(file: Path | None, cut_mid: np.ndarray, cut_first: np.ndarray) -> None:
+    if file is None:
+        return
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, cut_mid=cut_mid, cut_first=cut_first)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomically(file, buffer.getvalue())

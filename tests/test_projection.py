@@ -1,0 +1,269 @@
+"""The byte-consistent projection against a brute force over small vocabulary pairs.
+
+The expected distribution at each target position is computed here from first principles:
+token bytes from each tokenizer family's own spelling rules, the target's cut of every source
+token by calling the target tokenizer on its text (a twin without the dummy prefix for text
+that does not start the chunk), and a loop over the whole source vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from fusion.align.projection import build_projection, byte_ends, token_bytes
+from fusion.toy import train_tokenizer
+
+TEXTS = [
+    "Hello world, the knowledge of 12,345 things.\nIt's   spaced\tout.",
+    "def f(x):\n    return x + 1  # naïve café 😀\n\n\n  end",
+    "Ελληνικά and 日本語 mixed with ASCII; tabs\t\tand a trailing space ",
+    "9 + 10 = 19\n1000 - 1 = 999\n",
+]
+_UNICODE_TO_BYTE = {ch: b for b, ch in bytes_to_unicode().items()}
+_BYTE = re.compile(r"^<0x([0-9A-F]{2})>$")
+
+
+def _bytes(tokenizer: PreTrainedTokenizerFast, kind: str, token_id: int) -> bytes | None:
+    """This test's own reading of a toy token: GPT-2's byte alphabet, or ▁ and <0xNN>."""
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    if token in ("<unk>", "<s>", "</s>"):
+        return None
+    if kind == "byte_level":
+        return bytes(_UNICODE_TO_BYTE[ch] for ch in token)
+    if match := _BYTE.match(token):
+        return bytes([int(match.group(1), 16)])
+    return token.replace("▁", " ").encode()
+
+
+def _spans(pieces: list[bytes], data: bytes) -> list[int]:
+    """Byte ends of a tokenization that spells ``data`` (a first ▁ the text lacks is a
+    dummy prefix of zero width)."""
+    ends, cursor = [], 0
+    for n, piece in enumerate(pieces):
+        if n == 0 and not data.startswith(piece) and piece.startswith(b" "):
+            piece = piece[1:]
+        assert data.startswith(piece, cursor), (pieces, data)
+        cursor += len(piece)
+        ends.append(cursor)
+    assert cursor == len(data)
+    return ends
+
+
+def _whole_characters(data: bytes) -> str:
+    for cut in range(len(data), -1, -1):
+        try:
+            return data[:cut].decode()
+        except UnicodeDecodeError:
+            continue
+    return ""
+
+
+class _Pair:
+    """A (source, target) pair of toy tokenizers and the brute-force projection."""
+
+    def __init__(self, source, source_kind, target, target_kind):
+        self.source, self.source_kind = source, source_kind
+        self.target, self.target_kind = target, target_kind
+        twin = Tokenizer.from_str(target.backend_tokenizer.to_str())
+        if target_kind == "metaspace":  # the same model, cutting text that does not start it
+            twin.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+        self.twin = twin
+        self.source_bytes = [_bytes(source, source_kind, i) for i in range(len(source))]
+        self.cuts: dict[tuple[int, bool], dict[int, int]] = {}
+
+    def cut(self, source_id: int, at_start: bool) -> dict[int, int]:
+        """Byte offset → target id where the target's cut of the token's text starts one."""
+        key = (source_id, at_start)
+        if key not in self.cuts:
+            text = _whole_characters(self.source_bytes[source_id])
+            ids = (
+                self.target(text, add_special_tokens=False)["input_ids"]
+                if at_start
+                else self.twin.encode(text, add_special_tokens=False).ids
+            )
+            pieces = [_bytes(self.target, self.target_kind, i) for i in ids]
+            starts, cut = 0, {}
+            for target_id, end in zip(ids, _spans(pieces, text.encode()), strict=True):
+                if end > starts:
+                    cut.setdefault(starts, target_id)
+                starts = end
+            self.cuts[key] = cut
+        return self.cuts[key]
+
+    def expected(self, text: str, probs: np.ndarray, bos: bool) -> list[np.ndarray | None]:
+        """Per target position: the projected distribution, or None where there is no
+        teacher (``probs[r]`` is the source's distribution at its read position ``r``)."""
+        data = text.encode()
+        target_ids = self.target(text, add_special_tokens=False)["input_ids"]
+        source_ids = self.source(text, add_special_tokens=False)["input_ids"]
+        target_ends = _spans([_bytes(self.target, self.target_kind, i) for i in target_ids], data)
+        source_ends = _spans([self.source_bytes[i] for i in source_ids], data)
+        out: list[np.ndarray | None] = []
+        for c in target_ends:
+            covering = [j for j, end in enumerate(source_ends) if end > c]
+            j = covering[0] if covering else len(source_ends)
+            b = source_ends[j - 1] if j > 0 else 0
+            read = j + int(bos) - 1
+            if read < 0:
+                out.append(None)
+                continue
+            p = data[b:c]
+            dist = np.zeros(len(self.target))
+            for source_id, piece in enumerate(self.source_bytes):
+                if source_id == self.source.eos_token_id and not p:
+                    dist[self.target.eos_token_id] += probs[read, source_id]
+                if piece is None or not piece.startswith(p) or len(piece) <= len(p):
+                    continue
+                target_id = self.cut(source_id, b == 0).get(len(p))
+                if target_id is not None:
+                    dist[target_id] += probs[read, source_id]
+            out.append(dist / dist.sum() if dist.sum() > 0 else dist)
+        return out
+
+
+@pytest.fixture(scope="module")
+def tokenizers(training_texts):
+    texts = training_texts[:60]
+    return {
+        "bytes500": (train_tokenizer(texts, "byte_level", 500), "byte_level"),
+        "bytes300": (train_tokenizer(texts, "byte_level", 300), "byte_level"),
+        "meta700": (train_tokenizer(texts, "metaspace", 700), "metaspace"),
+    }
+
+
+PAIRS = [
+    ("bytes500", "meta700"),  # byte-level into Metaspace with a dummy prefix
+    ("bytes300", "meta700"),  # a small source into a larger target
+    ("meta700", "bytes500"),  # Metaspace with byte fallback into byte-level
+]
+
+
+@pytest.mark.parametrize(("source_name", "target_name"), PAIRS)
+@pytest.mark.parametrize("bos", [True, False])
+def test_projection_equals_a_brute_force_over_the_source_vocabulary(
+    tokenizers, source_name, target_name, bos
+):
+    source, source_kind = tokenizers[source_name]
+    target, target_kind = tokenizers[target_name]
+    pair = _Pair(source, source_kind, target, target_kind)
+    projection = build_projection(source, target)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for text in TEXTS:
+        target_enc = target(text, add_special_tokens=False, return_offsets_mapping=True)
+        source_enc = source(text, add_special_tokens=False, return_offsets_mapping=True)
+        probs = rng.dirichlet(np.full(len(source), 0.05), size=len(source_enc["input_ids"]) + 1)
+        plan = projection.plan(
+            text,
+            np.asarray(target_enc["input_ids"]),
+            np.asarray(target_enc["offset_mapping"]),
+            np.asarray(source_enc["input_ids"]),
+            np.asarray(source_enc["offset_mapping"]),
+            bos,
+        )
+        expected = pair.expected(text, probs, bos)
+        assert [e is None for e in expected] == (plan.read_index < 0).tolist()
+        rows = np.flatnonzero(plan.read_index >= 0)
+        got = projection.project(
+            torch.from_numpy(probs[plan.read_index[rows]]),
+            plan.prefix[rows],
+            plan.lo[rows],
+            plan.hi[rows],
+            plan.at_start[rows],
+        ).numpy()
+        for slot, row in enumerate(rows):
+            np.testing.assert_allclose(
+                got[slot], expected[row], atol=1e-9, err_msg=f"{text!r} {row}"
+            )
+            checked += 1
+    assert checked > 100
+
+
+def test_token_bytes_spell_real_tokenizations_exactly():
+    """GPT-2 (byte level) and Mistral (▁, byte fallback, a dummy prefix) token by token: the
+    bytes of each token are the text's next bytes, multi-byte characters split or not."""
+    from fusion.packaged_tokenizers import gpt2_tokenizer, mistral_tokenizer
+
+    text = "日本語 😀👍🏽 🧿 ꙮ Ελληνικά\r\n\u00a0naïve\t\tcafé  x 12,345\n\n  end "
+    data = text.encode()
+    for tokenizer in (gpt2_tokenizer(), mistral_tokenizer()):
+        pieces = token_bytes(tokenizer)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ends = byte_ends([pieces[i] for i in encoded["input_ids"]], text, encoded["offset_mapping"])
+        spelled, start = [], 0
+        for token_id, end in zip(encoded["input_ids"], ends.tolist(), strict=True):
+            spelled.append(data[start:end])
+            piece = pieces[token_id]
+            assert piece in (data[start:end], b" " + data[start:end]), (piece, data[start:end])
+            start = end
+        assert b"".join(spelled) == data
+        # some token is a piece of a character: its bytes alone are not UTF-8
+        assert any(_whole_characters(pieces[i]).encode() != pieces[i] for i in encoded["input_ids"])
+
+
+def test_the_tables_are_cached_and_read_back(tokenizers, tmp_path):
+    source, _ = tokenizers["bytes500"]
+    target, _ = tokenizers["meta700"]
+    built = build_projection(source, target, cache=tmp_path)
+    assert len(list(tmp_path.glob("byte-projection-*.npz"))) == 1
+    again = build_projection(source, target, cache=tmp_path)
+    assert np.array_equal(built.cut_mid, again.cut_mid)
+    assert np.array_equal(built.cut_first, again.cut_first)
+    assert not np.array_equal(built.cut_mid, built.cut_first)  # the dummy prefix cuts apart
+
+
+def test_the_backend_projects_its_own_full_distributions_chunk_by_chunk(tokenizers, tmp_path):
+    """HFTopK.read_projected over a batch whose head runs in several chunks equals the brute
+    force on the model's dense logits: top-k ids, log-probabilities, tail mass, coverage."""
+    from fusion.backends.hf import HFTopK
+    from fusion.config import ModelConfig
+    from fusion.toy import save_model_dir, tiny_causal_lm
+
+    source, source_kind = tokenizers["bytes300"]
+    target, target_kind = tokenizers["meta700"]
+    folder = save_model_dir(tmp_path / "src", tiny_causal_lm("llama", len(source), seed=3), source)
+    model = ModelConfig(path=str(folder), bos="always", logits_budget_mb=1)
+    reader = HFTopK(model, "sources.0", num_gpus=0, top_k=5, read_bos=True)
+    texts = [TEXTS[0] * 12, TEXTS[1] * 3]  # 1 MB holds ~145 positions: several chunks
+    projection = build_projection(source, target)
+    pair = _Pair(source, source_kind, target, target_kind)
+    sequences, plans = [], []
+    for text in texts:
+        ids, offsets = reader.encode(text, False)
+        target_enc = target(text, add_special_tokens=False, return_offsets_mapping=True)
+        sequences.append(ids)
+        plans.append(
+            projection.plan(
+                text,
+                np.asarray(target_enc["input_ids"]),
+                np.asarray(target_enc["offset_mapping"]),
+                ids,
+                offsets,
+                True,
+            )
+        )
+    assert max(len(s) for s in sequences) > 300
+    results = reader.read_projected(sequences, ["a", "b"], plans, projection)
+    for text, sequence, result in zip(texts, sequences, results, strict=True):
+        with torch.no_grad():
+            read = torch.tensor([[source.bos_token_id, *sequence.tolist()]])
+            probs = torch.softmax(reader.model(read).logits[0].double(), -1).numpy()
+        for position, dist in enumerate(pair.expected(text, probs, True)):
+            if dist is None or dist.sum() == 0:
+                assert not result.aligned[position]
+                continue
+            assert result.aligned[position]
+            top = [i for i in np.argsort(-dist, kind="stable")[:5] if dist[i] > 0]
+            padding = [-1] * (5 - len(top))  # fewer than k target ids hold any mass
+            assert result.ids[position].tolist() == top + padding
+            np.testing.assert_allclose(
+                np.exp(result.logits[position]), [*dist[top], *[0.0] * len(padding)], rtol=1e-4
+            )
+            assert result.tail[position] == pytest.approx(1 - dist[top].sum(), abs=1e-5)
