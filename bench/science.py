@@ -44,12 +44,15 @@ VIEWS = {
 
 @dataclass(frozen=True)
 class Arm:
-    """One way of training the target: a teacher view (None: CLM alone), λ and the tail."""
+    """One way of training the target: a teacher view (None: CLM alone), λ, the tail, and
+    whether it learns from the source alone or from the fused teacher (MinCE over target and
+    source, per token or, re-fused, per sequence)."""
 
     name: str
     view: str | None
     lam: float
     kd_tail: str = "renormalise"
+    teacher: str = "source"
 
 
 ARMS = {
@@ -61,9 +64,14 @@ ARMS = {
         Arm("bytes_lam0.5", "bytes", 0.5),
         Arm("bytes_lam0.5_bucket", "bytes", 0.5, "bucket"),
         Arm("bytes_lam0.9", "bytes", 0.9),
+        Arm("fused_token_lam0.5", "bytes", 0.5, teacher="fused"),
+        Arm("fused_sequence_lam0.5", "bytes", 0.5, teacher="fused_sequence"),
     )
 }
-DEFAULT_ARMS = "clm,offsets_lam0.5,bytes_lam0,bytes_lam0.5,bytes_lam0.5_bucket"
+DEFAULT_ARMS = (
+    "clm,offsets_lam0.5,bytes_lam0,bytes_lam0.5,bytes_lam0.5_bucket,fused_token_lam0.5,"
+    "fused_sequence_lam0.5"
+)
 
 
 def _gemma(root: Path) -> Path:
@@ -104,7 +112,11 @@ def _texts(world, args) -> tuple[Path, Path]:
     held = [
         {"id": f"{d}-{i}", "text": t} for d in domains for i, t in enumerate(corpora.held_out[d])
     ]
-    return write_jsonl(folder / "train.jsonl", train), write_jsonl(folder / "held-out.jsonl", held)
+    tag = "-".join(domains)  # a prepared folder is reused by its config, so one file per text
+    return (
+        write_jsonl(folder / f"train-{tag}.jsonl", train),
+        write_jsonl(folder / f"held-out-{tag}.jsonl", held),
+    )
 
 
 def _sources(world, args) -> dict[str, Path]:
@@ -119,13 +131,16 @@ def _sources(world, args) -> dict[str, Path]:
     return {Path(args.source).name.replace(".", "_"): Path(args.source).resolve()}
 
 
-def _prepare(target: Path, name: str, source: Path, corpus: Path, view: str, out: Path) -> dict:
-    """`fusion prepare` of one teacher view (the source alone teaches); its manifest."""
+def _prepare(
+    target: Path, name: str, source: Path, corpus: Path, view: str, out: Path, fused: bool = False
+) -> dict:
+    """`fusion prepare` of one teacher view; with ``fused`` the target is a candidate too (for
+    the fused arms), else the source alone teaches. Its manifest."""
     from fusion.config import parse_config
     from fusion.pipeline import prepare
 
     raw = {
-        "target": {"path": str(target), "num_cpus": 0.3, "as_teacher": False},
+        "target": {"path": str(target), "num_cpus": 0.3, "as_teacher": fused},
         "sources": [
             {"name": name, "path": str(source), "num_cpus": 1.0, "cpu_threads": 2, "batch_size": 4}
         ],
@@ -143,7 +158,8 @@ def _prepare(target: Path, name: str, source: Path, corpus: Path, view: str, out
 
 
 def _train(target: Path, name: str, data: Path, arm: Arm, seed: int, epochs: int, out: Path):
-    """`fusion train` of one arm; the export folder (reused when it finished earlier)."""
+    """`fusion train` of one arm; the export folder (reused when it finished earlier). The
+    per-sequence fused teacher is re-fused from the data set (`fusion refuse`, no model)."""
     from fusion.config import parse_config
     from fusion.train import train
 
@@ -151,6 +167,12 @@ def _train(target: Path, name: str, data: Path, arm: Arm, seed: int, epochs: int
     export = storage / "export"
     if (export / "training_summary.json").is_file():
         return export
+    if arm.teacher == "fused_sequence":
+        from fusion.refuse import refuse
+
+        refused = data.with_name(data.name + "-sequence")
+        refuse(data, refused, {"granularity": "sequence"})
+        data = refused
     manifest = json.loads((data / "manifest.json").read_text())
     raw = {
         "target": {"path": str(target)},
@@ -159,7 +181,7 @@ def _train(target: Path, name: str, data: Path, arm: Arm, seed: int, epochs: int
         "align": manifest["config"]["align"],
         "output": {"dir": str(data)},
         "train": {
-            "teacher": name,
+            "teacher": name if arm.teacher == "source" else "fused",
             "lam": arm.lam,
             "kd_tail": arm.kd_tail,
             "lr": 1e-3,
@@ -234,7 +256,8 @@ def main() -> None:
     from fusion.evaluate import evaluate
 
     args.out = args.out.resolve()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().issue_detectors_config.detectors = []
     world = build_world(args.out / "world", FULL, echo=lambda line: print(line, flush=True))
     target = world.models[TARGET.name]
     train_text, held_text = _texts(world, args)
@@ -245,7 +268,7 @@ def main() -> None:
     for name, folder in sources.items():
         for view in VIEWS:
             fidelity[(name, view)] = _prepare(
-                target, name, folder, held_text, view, args.out / "held-out" / f"{name}-{view}"
+                target, name, folder, held_text, view, args.out / held_text.stem / f"{name}-{view}"
             )
     figures: dict = {
         "fidelity": {
@@ -274,8 +297,8 @@ def main() -> None:
         parser.error("training arms take one source (or give --fidelity-only)")
     [(name, folder)] = sources.items()
     for view in VIEWS:
-        data[view] = args.out / "train" / f"{name}-{view}"
-        _prepare(target, name, folder, train_text, view, data[view])
+        data[view] = args.out / train_text.stem / f"{name}-{view}"
+        _prepare(target, name, folder, train_text, view, data[view], fused=view == "bytes")
 
     epochs = [int(e) for e in args.epochs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]

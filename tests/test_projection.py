@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from fusion.align.projection import build_projection, byte_ends, token_bytes
+from fusion.align.projection import along_the_text, build_projection, byte_ends, token_bytes
 from fusion.toy import train_tokenizer
 
 TEXTS = [
@@ -97,16 +97,57 @@ class _Pair:
             self.cuts[key] = cut
         return self.cuts[key]
 
-    def expected(self, text: str, probs: np.ndarray, bos: bool) -> list[np.ndarray | None]:
+    def _ends(self, text: str) -> tuple[list[int], list[int]]:
+        data = text.encode()
+        target_ids = self.target(text, add_special_tokens=False)["input_ids"]
+        source_ids = self.source(text, add_special_tokens=False)["input_ids"]
+        return (
+            _spans([_bytes(self.target, self.target_kind, i) for i in target_ids], data),
+            _spans([self.source_bytes[i] for i in source_ids], data),
+        )
+
+    def covering(self, text: str, position: int) -> int:
+        """The source token covering the end of target token ``position``."""
+        target_ends, source_ends = self._ends(text)
+        return next(j for j, end in enumerate(source_ends) if end > target_ends[position])
+
+    def rest_of_label(self, text: str, position: int) -> bytes:
+        """The bytes of the next target token beyond the covering source token."""
+        target_ends, source_ends = self._ends(text)
+        covering = self.covering(text, position)
+        return text.encode()[source_ends[covering] : target_ends[position + 1]]
+
+    def along(self, probs, source_ids, k: int, rest: bytes, bos: bool, steps: int) -> float:
+        """The source's probability of continuing with ``rest`` from its token ``k`` on,
+        reading along the text's own tokens (at most ``steps`` of them)."""
+        if k >= len(source_ids) or steps == 0:
+            return 0.0
+        read = k + int(bos) - 1
+        spelled = sum(
+            probs[read, s]
+            for s, piece in enumerate(self.source_bytes)
+            if piece and piece.startswith(rest)
+        )
+        actual = self.source_bytes[source_ids[k]] or b""
+        if 0 < len(actual) < len(rest) and rest.startswith(actual):
+            further = self.along(probs, source_ids, k + 1, rest[len(actual) :], bos, steps - 1)
+            spelled += probs[read, source_ids[k]] * further
+        return spelled
+
+    def expected(
+        self, text: str, probs: np.ndarray, bos: bool, lookahead: bool = False
+    ) -> list[np.ndarray | None]:
         """Per target position: the projected distribution, or None where there is no
-        teacher (``probs[r]`` is the source's distribution at its read position ``r``)."""
+        teacher (``probs[r]`` is the source's distribution at its read position ``r``); with
+        ``lookahead``, where the target's next token runs past the source's token s*, the
+        share of s* that continues as that token along the text moves to it."""
         data = text.encode()
         target_ids = self.target(text, add_special_tokens=False)["input_ids"]
         source_ids = self.source(text, add_special_tokens=False)["input_ids"]
         target_ends = _spans([_bytes(self.target, self.target_kind, i) for i in target_ids], data)
         source_ends = _spans([self.source_bytes[i] for i in source_ids], data)
         out: list[np.ndarray | None] = []
-        for c in target_ends:
+        for n, c in enumerate(target_ends):
             covering = [j for j, end in enumerate(source_ends) if end > c]
             j = covering[0] if covering else len(source_ends)
             b = source_ends[j - 1] if j > 0 else 0
@@ -124,6 +165,20 @@ class _Pair:
                 target_id = self.cut(source_id, b == 0).get(len(p))
                 if target_id is not None:
                     dist[target_id] += probs[read, source_id]
+            runs_past = (
+                j < len(source_ends)
+                and n + 1 < len(target_ends)
+                and target_ends[n + 1] > source_ends[j]
+            )
+            if lookahead and runs_past:
+                rest = data[source_ends[j] : target_ends[n + 1]]
+                moved = probs[read, source_ids[j]] * self.along(
+                    probs, source_ids, j + 1, rest, bos, 4
+                )
+                short = self.cut(source_ids[j], b == 0).get(len(p))
+                if short is not None:
+                    dist[short] -= moved
+                dist[target_ids[n + 1]] += moved
             out.append(dist / dist.sum() if dist.sum() > 0 else dist)
         return out
 
@@ -155,11 +210,15 @@ def test_projection_equals_a_brute_force_over_the_source_vocabulary(
     pair = _Pair(source, source_kind, target, target_kind)
     projection = build_projection(source, target)
     rng = np.random.default_rng(0)
-    checked = 0
+    checked = chained = 0
     for text in TEXTS:
         target_enc = target(text, add_special_tokens=False, return_offsets_mapping=True)
         source_enc = source(text, add_special_tokens=False, return_offsets_mapping=True)
-        probs = rng.dirichlet(np.full(len(source), 0.05), size=len(source_enc["input_ids"]) + 1)
+        source_ids = source_enc["input_ids"]
+        probs = rng.dirichlet(np.full(len(source), 0.05), size=len(source_ids) + 1)
+        for read, next_token in enumerate(source_ids[1 - int(bos) :]):
+            probs[read] = 0.5 * probs[read]  # the text's own next token is likely
+            probs[read, next_token] += 0.5
         plan = projection.plan(
             text,
             np.asarray(target_enc["input_ids"]),
@@ -177,13 +236,29 @@ def test_projection_equals_a_brute_force_over_the_source_vocabulary(
             plan.lo[rows],
             plan.hi[rows],
             plan.at_start[rows],
-        ).numpy()
+        )[0].numpy()
         for slot, row in enumerate(rows):
             np.testing.assert_allclose(
                 got[slot], expected[row], atol=1e-9, err_msg=f"{text!r} {row}"
             )
             checked += 1
-    assert checked > 100
+        # along the text: the chained probability that the source continues as the target's
+        # next token does, where that token runs past the source's
+        actual = np.zeros(len(probs))
+        for read, next_token in enumerate(source_ids[1 - int(bos) :]):
+            actual[read] = probs[read, next_token]
+        spelled = projection.spelled_mass(
+            torch.from_numpy(probs[plan.step_read]), plan.step_lo, plan.step_hi
+        ).numpy()
+        share = along_the_text(plan, spelled, actual)
+        for row in np.flatnonzero(plan.label >= 0):
+            rest = pair.rest_of_label(text, row)
+            first = pair.covering(text, row) + 1
+            assert share[row] == pytest.approx(
+                pair.along(probs, source_ids, first, rest, bos, 4), rel=1e-9, abs=1e-12
+            )
+            chained += share[row] > 0
+    assert checked > 100 and chained > 0
 
 
 def test_token_bytes_spell_real_tokenizations_exactly():
@@ -255,7 +330,7 @@ def test_the_backend_projects_its_own_full_distributions_chunk_by_chunk(tokenize
         with torch.no_grad():
             read = torch.tensor([[source.bos_token_id, *sequence.tolist()]])
             probs = torch.softmax(reader.model(read).logits[0].double(), -1).numpy()
-        for position, dist in enumerate(pair.expected(text, probs, True)):
+        for position, dist in enumerate(pair.expected(text, probs, True, lookahead=True)):
             if dist is None or dist.sum() == 0:
                 assert not result.aligned[position]
                 continue

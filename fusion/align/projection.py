@@ -16,10 +16,14 @@ cached on disk) as one table entry per (token, byte offset); a position then cos
 search in the sorted source vocabulary and one scatter-add over the matching tokens
 (:meth:`ByteProjection.project`), on the device that computed the probabilities.
 
-Where a source token is shorter than the target token the text continues with (a small
-source into a larger target), the mass goes to the target's cut of the source token alone,
-a shorter target token than the one the target emits there: the rule reads one source token
-ahead, never two.
+Where the target's next token runs past the end of the source token that the text has there
+(a small source into a larger target, or a target token that joins two of the source's), the
+source's probability of that token (``P(s*)``) is split along the text: the share with which
+the source, having read ``s*``, continues the way the target's token does (its next tokens'
+probabilities, read further along the text where the next source token is shorter than the
+rest) goes to the target's token, and only the remainder to the target's cut of ``s*`` alone
+(:func:`along_the_text`). Other continuations than the text's are not read (the source has no
+distribution there), so longer target tokens off the text get nothing from ``s*``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 from fusion.files import write_bytes_atomically
 
 _FORMAT = "fusion-byte-projection/1"
+LOOKAHEAD_STEPS = 4  # source tokens read along the text past the covering one, at most
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 NONE = -1  # "no target token" in the tables and plans
 
@@ -146,6 +151,19 @@ class PositionPlan:
     lo: np.ndarray
     hi: np.ndarray
     at_start: np.ndarray
+    # Where the target's next token runs past the covering source token s*: that token
+    # (``label``, else NONE) and the target's cut of s* at the prefix (``short``, or NONE);
+    # then the steps along the text, flat: which position (``step_owner``), at which read
+    # index, the sorted range of the source tokens that spell the rest of the target token
+    # (``step_lo``/``step_hi``, equal ones included) and whether the text's own next source
+    # token is a strict prefix of that rest (``step_more``: the next step reads on).
+    label: np.ndarray
+    short: np.ndarray
+    step_owner: np.ndarray
+    step_read: np.ndarray
+    step_lo: np.ndarray
+    step_hi: np.ndarray
+    step_more: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -187,6 +205,9 @@ class ByteProjection:
         lo = np.zeros(n_target, dtype=np.int64)
         hi = np.zeros(n_target, dtype=np.int64)
         at_start = np.zeros(n_target, dtype=bool)
+        label = np.full(n_target, NONE, dtype=np.int64)
+        short = np.full(n_target, NONE, dtype=np.int64)
+        steps: list[tuple[int, int, int, int, bool]] = []
         covering = np.searchsorted(source_ends, target_ends, side="right")
         for i, (c, j) in enumerate(zip(target_ends.tolist(), covering.tolist(), strict=True)):
             if j >= n_source and c != source_last:
@@ -198,7 +219,31 @@ class ByteProjection:
             read[i], prefix[i], at_start[i] = index, c - b, b == 0
             if c > b:
                 lo[i], hi[i] = self._prefix_range(data[b:c])
-        return PositionPlan(read, prefix, lo, hi, at_start)
+            if j >= n_source or i + 1 >= n_target or target_ends[i + 1] <= source_ends[j]:
+                continue  # the next target token ends within s* (or there is none)
+            if not source_pieces[j]:
+                continue
+            label[i] = int(np.asarray(target_ids)[i + 1])
+            cut = self.cut_first if b == 0 else self.cut_mid
+            short[i] = cut[self.cut_start[int(np.asarray(source_ids)[j])] + c - b]
+            rest = data[int(source_ends[j]) : int(target_ends[i + 1])]
+            for k in range(j + 1, min(j + 1 + LOOKAHEAD_STEPS, n_source)):
+                actual = source_pieces[k] or b""
+                more = 0 < len(actual) < len(rest) and rest.startswith(actual)
+                steps.append((i, k + int(bos_read) - 1, *self._spelling(rest), more))
+                if not more:
+                    break
+                rest = rest[len(actual) :]
+        flat = np.asarray(steps, dtype=np.int64).reshape(-1, 5)
+        return PositionPlan(
+            read, prefix, lo, hi, at_start, label, short, *flat.T[:4], flat[:, 4].astype(bool)
+        )
+
+    def _spelling(self, rest: bytes) -> tuple[int, int]:
+        """The sorted entries that begin with ``rest`` (equal ones included)."""
+        lo = bisect.bisect_left(self.sorted_pieces, rest)
+        hi = bisect.bisect_right(self.sorted_pieces, rest, lo=lo, key=lambda p: p[: len(rest)])
+        return lo, hi
 
     def _prefix_range(self, prefix: bytes) -> tuple[int, int]:
         """The sorted entries that begin with ``prefix`` and go beyond it."""
@@ -209,7 +254,7 @@ class ByteProjection:
     def project(self, probs, prefix: np.ndarray, lo: np.ndarray, hi: np.ndarray, at_start):
         """Target-space distributions ``[n, V_t]`` from source probabilities ``[n, V]`` (a
         torch tensor; rows paired with ``prefix``/``lo``/``hi``/``at_start`` of their plan),
-        renormalised; a row with nothing to teach sums to 0."""
+        renormalised, and the mass each row had before (``[n, 1]``: 0 where nothing teaches)."""
         import torch
 
         device = probs.device
@@ -243,7 +288,41 @@ class ByteProjection:
             targets_t = torch.as_tensor(np.concatenate(target_parts), device=device)
             out.index_put_((rows_t, targets_t), probs[rows_t, sources_t], accumulate=True)
         total = out.sum(-1, keepdim=True)
-        return out / torch.where(total > 0, total, torch.ones_like(total))
+        return out / torch.where(total > 0, total, torch.ones_like(total)), total
+
+    def spelled_mass(self, probs, lo: np.ndarray, hi: np.ndarray):
+        """``[n]``: each row's probability on the sorted entries ``[lo, hi)`` (the tokens that
+        spell a given text, :meth:`_spelling`)."""
+        import torch
+
+        sizes = np.asarray(hi) - np.asarray(lo)
+        rows = np.repeat(np.arange(len(sizes)), sizes)
+        ids = np.concatenate([self.sorted_ids[a:b] for a, b in zip(lo, hi, strict=True)] or [[]])
+        device = probs.device
+        picked = probs[
+            torch.as_tensor(rows, device=device),
+            torch.as_tensor(ids, dtype=torch.long, device=device),
+        ]
+        out = torch.zeros(len(sizes), dtype=probs.dtype, device=device)
+        return out.index_add_(0, torch.as_tensor(rows, device=device), picked)
+
+
+def along_the_text(plan: PositionPlan, spelled: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """``[n]``: per target position with a ``label``, the source's probability, having read
+    s*, of continuing as the target's token does: the steps' spelled masses chained through
+    the text's own next tokens (``spelled`` per step; ``actual[r]``: the probability at read
+    index ``r`` of the token the text has next). 0 where there is no label."""
+    share = np.zeros(len(plan.label))
+    carried: dict[int, float] = {}
+    for step in range(len(plan.step_owner) - 1, -1, -1):  # each chain from its last step
+        owner = int(plan.step_owner[step])
+        later = carried.pop(owner, 0.0) if plan.step_more[step] else 0.0
+        value = float(spelled[step]) + later * float(actual[plan.step_read[step]])
+        if step == 0 or plan.step_owner[step - 1] != owner:
+            share[owner] = value
+        else:
+            carried[owner] = value
+    return share
 
 
 def _longest_text(data: bytes) -> str:

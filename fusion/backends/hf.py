@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fusion.align.projection import ByteProjection, PositionPlan
+from fusion.align.projection import ByteProjection, PositionPlan, along_the_text
 from fusion.chunking import encode_for_reading
 from fusion.config import ModelConfig
 from fusion.errors import FusionError
@@ -138,8 +138,9 @@ class HFTopK:
         positions its plan names, chunk by chunk inside the head's budget; CE as :meth:`read`."""
         collect = _Projector(projection, plans, self.top_k)
         reading, lengths = self._read(sequences, row_ids, collect)
+        actual = torch.exp(reading.label_logit - reading.lse).double().cpu().numpy()
         return [
-            Projected(*collect.result(row), ce, nll)
+            Projected(*collect.result(row, actual[row]), ce, nll)
             for row, (ce, nll) in enumerate(self._nll(reading, lengths))
         ]
 
@@ -191,9 +192,11 @@ class HFTopK:
 
 
 class _Projector:
-    """Collects, chunk by chunk of head logits, the projected distributions a batch's plans
-    ask for: the rows of each chunk that some target position reads are turned into
-    probabilities, projected and cut to the top-k at once."""
+    """Collects, chunk by chunk of head logits, what a batch's plans ask for: the rows of each
+    chunk that some target position reads are turned into probabilities, projected and cut to
+    the top-k at once; positions whose target token runs past the source's token keep a little
+    more (top-k + 1, their label's and short cut's values, the mass before renormalising) until
+    the probabilities along the text are read (:func:`~fusion.align.projection.along_the_text`)."""
 
     SHARE = 3  # logits, the probabilities of the rows read, and their target-space sums
 
@@ -208,9 +211,32 @@ class _Projector:
             )
             for p in plans
         ]
+        self.pending: list[dict[int, tuple]] = [{} for _ in plans]
+        self.spelled = [np.zeros(len(p.step_owner)) for p in plans]
 
     def visit(self, start: int, logits: torch.Tensor, lse: torch.Tensor) -> None:
         stop = start + logits.shape[1]
+        device = logits.device
+
+        def probabilities(reads: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+            rows = np.concatenate([np.full(len(r), row) for row, r in reads])
+            columns = np.concatenate([r - start for _, r in reads])
+            at = (torch.as_tensor(rows, device=device), torch.as_tensor(columns, device=device))
+            return torch.exp(logits[at] - lse[at][:, None])
+
+        steps = [
+            (row, np.flatnonzero((plan.step_read >= start) & (plan.step_read < stop)))
+            for row, plan in enumerate(self.plans)
+        ]
+        if sum(len(w) for _, w in steps):
+            probs = probabilities([(r, self.plans[r].step_read[w]) for r, w in steps])
+            lo = np.concatenate([self.plans[r].step_lo[w] for r, w in steps])
+            hi = np.concatenate([self.plans[r].step_hi[w] for r, w in steps])
+            mass = self.projection.spelled_mass(probs, lo, hi).double().cpu().numpy()
+            offset = 0
+            for row, wanted in steps:
+                self.spelled[row][wanted] = mass[offset : offset + len(wanted)]
+                offset += len(wanted)
         asked = [
             (row, np.flatnonzero((plan.read_index >= start) & (plan.read_index < stop)))
             for row, plan in enumerate(self.plans)
@@ -219,33 +245,73 @@ class _Projector:
         if not len(rows):
             return
         owners = np.concatenate([wanted for _, wanted in asked])
-        columns = np.concatenate([self.plans[r].read_index[w] - start for r, w in asked])
 
         def field(name: str) -> np.ndarray:
             return np.concatenate([getattr(self.plans[r], name)[w] for r, w in asked])
 
-        at = (
-            torch.as_tensor(rows, device=logits.device),
-            torch.as_tensor(columns, device=logits.device),
-        )
-        probs = torch.exp(logits[at] - lse[at][:, None])
-        target = self.projection.project(
+        probs = probabilities([(r, self.plans[r].read_index[w]) for r, w in asked])
+        target, total = self.projection.project(
             probs, field("prefix"), field("lo"), field("hi"), field("at_start")
         )
+        labels, shorts = field("label"), field("short")
         k = min(self.top_k, target.shape[1])
-        values, indices = target.topk(k, dim=-1)
-        values, indices = values.double().cpu().numpy(), indices.int().cpu().numpy()
-        present = values > 0
+        values, indices = target.topk(min(k + 1, target.shape[1]), dim=-1)
+        values, indices = values.double().cpu().numpy(), indices.cpu().numpy()
+        picked = np.flatnonzero(labels >= 0)
+        index = torch.as_tensor(picked, device=device)
+        at_label = target[index, torch.as_tensor(labels[picked], device=device)]
+        at_short = target[index, torch.as_tensor(np.maximum(shorts[picked], 0), device=device)]
+        at_label, at_short = at_label.double().cpu().numpy(), at_short.double().cpu().numpy()
+        total = total[:, 0].double().cpu().numpy()
+        for n, slot in enumerate(picked.tolist()):
+            entries = dict(zip(indices[slot].tolist(), values[slot].tolist(), strict=True))
+            entries[int(labels[slot])] = float(at_label[n])
+            if shorts[slot] >= 0:
+                entries[int(shorts[slot])] = float(at_short[n])
+            row, owner = int(rows[slot]), int(owners[slot])
+            self.pending[row][owner] = (
+                entries,
+                float(total[slot]),
+                int(labels[slot]),
+                int(shorts[slot]),
+            )
         for slot, (row, owner) in enumerate(zip(rows.tolist(), owners.tolist(), strict=True)):
-            if not present[slot, 0]:
-                continue  # nothing in the source is consistent with the target's cut here
-            ids, logprobs, tail, aligned = self.out[row]
-            kept = present[slot]
-            ids[owner, :k] = np.where(kept, indices[slot], -1)
-            with np.errstate(divide="ignore"):
-                logprobs[owner, :k] = np.log(np.where(kept, values[slot], 0.0))
-            tail[owner] = max(0.0, 1.0 - values[slot].sum())
-            aligned[owner] = True
+            if labels[slot] < 0:
+                self._store(row, owner, indices[slot, :k], values[slot, :k])
 
-    def result(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _store(self, row: int, owner: int, ids: np.ndarray, values: np.ndarray) -> None:
+        kept = values > 0
+        if not kept.any():
+            return  # nothing in the source is consistent with the target's cut here
+        out_ids, logprobs, tail, aligned = self.out[row]
+        n = len(ids)
+        out_ids[owner, :n] = np.where(kept, ids, -1)
+        with np.errstate(divide="ignore"):
+            logprobs[owner, :n] = np.log(np.where(kept, values, 0.0))
+        tail[owner] = max(0.0, 1.0 - values[kept].sum())
+        aligned[owner] = True
+
+    def result(
+        self, row: int, actual: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One row's projection, its pending positions finished with ``actual`` (the
+        probability at each read index of the text's next token)."""
+        plan = self.plans[row]
+        share = along_the_text(plan, self.spelled[row], actual)
+        for owner, (entries, total, label, short) in self.pending[row].items():
+            moved = actual[plan.read_index[owner]] * share[owner]  # of s*, along the text
+            if short >= 0:  # s* taught its short cut: part of that mass moves to the label
+                moved = min(moved / total, entries[short]) if total > 0 else 0.0
+                entries[short] -= moved
+                entries[label] += moved
+            elif total + moved > 0:  # s* taught nothing: it teaches the label now
+                entries = {i: v * total / (total + moved) for i, v in entries.items()}
+                entries[label] += moved / (total + moved)
+            ranked = sorted(entries.items(), key=lambda item: (-item[1], item[0]))[: self.top_k]
+            self._store(
+                row,
+                owner,
+                np.asarray([i for i, _ in ranked]),
+                np.asarray([v for _, v in ranked]),
+            )
         return self.out[row]
