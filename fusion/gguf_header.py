@@ -84,6 +84,9 @@ class _Cursor:
             for _ in range(count):
                 length = self.take("Q")  # read before `at` moves past it
                 self.at += length
+        elif inner == _ARRAY:  # each element an array of its own: its type, count, values
+            for _ in range(count):
+                self.value(_ARRAY)
         else:
             self.at += count * struct.calcsize(_SCALARS[inner])
         return count

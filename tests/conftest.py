@@ -11,9 +11,14 @@ from hypothesis import settings
 
 from fusion.toy import train_tokenizer
 
-# Property tests draw the same examples on every run: a failure here is a failure everywhere.
+# Property tests draw the same examples on every run (CI): a failure here is a failure
+# everywhere. HYPOTHESIS_PROFILE=thorough draws new random examples on every run, ten times
+# as many (tests.strategies.examples), to find what the fixed ones never reach.
 settings.register_profile("deterministic", derandomize=True, deadline=None, print_blob=True)
-settings.load_profile("deterministic")
+settings.register_profile(
+    "thorough", derandomize=False, deadline=None, print_blob=True, max_examples=1000
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 # Every training worker a test starts holds itself to the GPU rule (collectives only on the
 # engine's device, see fusion.device), so a CPU run fails where NCCL would.

@@ -161,6 +161,21 @@ def test_byte_range_shards_read_every_line_once_in_order(tmp_path, shard_bytes):
         assert ids == [f"{tmp_path}/big.jsonl@{s}" for s in non_empty]
 
 
+def test_a_line_longer_than_the_read_ahead_is_read_whole_by_the_range_it_starts_in(tmp_path):
+    long_text = "x" * 150_000 + " ✓"  # longer than two 64 KiB read-ahead blocks
+    records = [
+        json.dumps({"text": "first"}) + "\n",
+        json.dumps({"text": long_text}, ensure_ascii=False) + "\n",
+        json.dumps({"text": "last"}) + "\n",
+    ]
+    raw = _write_lines(tmp_path / "long.jsonl", records)
+    data = DataConfig(paths=[str(tmp_path / "long.jsonl")], shard_mb=1000 / (1 << 20))
+    shards = plan_shards(data)
+    assert len(shards) > 100 and sum(s.size for s in shards) == len(raw)
+    texts = [d.text for s in shards for d in read_documents(s, data)]
+    assert texts == ["first", long_text, "last"]
+
+
 def test_a_bad_line_in_a_byte_range_is_named_by_its_byte_offset(tmp_path):
     lines = ['{"text": "ok"}\n', "not json\n", '{"text": "ok"}\n']
     raw = _write_lines(tmp_path / "big.jsonl", lines)

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from fusion.align import dtw_align
 from fusion.align.slow import dtw_align_slow
-from tests.strategies import markers, tokens
+from tests.strategies import examples, markers, tokens
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     source=tokens, target=tokens, marks=markers, tie_break=st.sampled_from(["fusellm", "fusechat"])
 )

@@ -53,6 +53,49 @@ def test_the_gguf_header_gives_what_a_full_reader_gives(tmp_path):
     assert header.architecture == "llama"
 
 
+def test_keys_of_every_type_before_the_ones_read_are_skipped_as_a_full_reader_reads_them(
+    tmp_path,
+):
+    """Every GGUF value type (bools, 64-bit numbers, arrays of numbers, strings and arrays)
+    stands before the keys and tensors the header reads: a value skipped by a wrong size
+    moves everything after it."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    writer.add_bool("x.bool", True)
+    writer.add_uint8("x.u8", 7)
+    writer.add_int8("x.i8", -7)
+    writer.add_uint16("x.u16", 700)
+    writer.add_int16("x.i16", -700)
+    writer.add_uint32("x.u32", 70_000)
+    writer.add_int32("x.i32", -70_000)
+    writer.add_float32("x.f32", 0.5)
+    writer.add_uint64("x.u64", 2**40 + 3)
+    writer.add_int64("x.i64", -(2**40))
+    writer.add_float64("x.f64", 0.25)
+    writer.add_array("x.bools", [True, False, True])
+    writer.add_key_value(
+        "x.u64s", [2**40, 1], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT64
+    )
+    writer.add_array("x.nested", [[1, 2, 3], [4], ["a", "bc"], [[5], [6, 7]]])
+    writer.add_context_length(77)
+    writer.add_bool("x.after", False)
+    writer.add_tensor("token_embd.weight", np.zeros((30, 8), dtype=np.float32))
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((8, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    header = read_gguf_header(tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["x.u64"].contents() == 2**40 + 3  # the file holds what was written
+    nested = reader.fields["x.nested"].types[:2]  # an array whose elements are arrays
+    assert nested == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.ARRAY]
+    assert header.context_length == reader.fields["llama.context_length"].contents() == 77
+    assert header.parameters == sum(int(t.n_elements) for t in reader.tensors) == 30 * 8 + 64
+    assert header.vocab_size == 30
+
+
 def test_a_file_that_is_not_gguf_is_named(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(GGUFError, match=r"m.gguf is not a GGUF file"):

@@ -40,6 +40,8 @@ def _masked():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_head_equals_the_dense_logits(architecture, dtype):
     model = tiny_causal_lm(architecture, VOCAB).to(dtype).eval()
+    with torch.no_grad():  # the masked ids get logits far from the others: masking them matters
+        model.get_output_embeddings().weight[_masked()] *= 40
     ids, mask = _batch()
     # a budget of 4 KiB: one position per chunk, so every chunk boundary is crossed
     head = ChunkedHead(model, masked=_masked(), budget_mb=1)
@@ -49,6 +51,8 @@ def test_chunked_head_equals_the_dense_logits(architecture, dtype):
     values, indices, lse, label = _dense(model, ids, mask, _masked(), 5)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     real = mask.bool()
+    unmasked = torch.logsumexp(model(ids, attention_mask=mask).logits.float(), -1)
+    assert (unmasked[real] - lse[real]).abs().max() > 10 * tolerance  # the test can tell
     assert torch.allclose(reading.values[real], values[real], atol=tolerance)
     assert torch.allclose(reading.lse[real], lse[real], atol=tolerance)
     assert torch.allclose(reading.label_logit[:, :-1], label, atol=tolerance)

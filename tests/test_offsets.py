@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fusion.align import offset_align
@@ -84,7 +84,25 @@ def test_byte_pieces_of_one_character_pair_in_order():
     assert offset_align(target, target, text).target_to_source == [[0], [1], [2], [3]]
 
 
-PIECES = ["a", "bc", " ", "  ", "\n", "\n\n", "\t", "é", "中", "😀", " d", "1", "23", "\u00a0"]
+PIECES = [
+    "a",
+    "bc",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    "é",
+    "中",
+    "😀",
+    " d",
+    "1",
+    "23",
+    "\u00a0",
+    "\tdef",  # whitespace other than a space, then a word, in one token (tiktoken, Llama-3)
+    "\nfoo",
+    "\u00a0bar",
+]
 
 
 @st.composite
@@ -111,7 +129,24 @@ def tokenized_text(draw):
     return text, tokenize(draw(cuts)), tokenize(draw(cuts))
 
 
+def test_a_token_that_starts_with_a_tab_newline_or_nbsp_begins_at_its_word():
+    text = "a\tdef\nfoo\u00a0bar"
+    source = [(0, 1), (1, 5), (5, 9), (9, 13)]  # a, \tdef, \nfoo, \u00a0bar
+    target = [(0, 1), (1, 2), (2, 5), (5, 6), (6, 9), (9, 10), (10, 13)]  # whitespace apart
+    # source tokens begin at 0, 2, 6, 10; target tokens at 0, 1, 2, 5, 6, 9, 10
+    assert offset_align(source, target, text).target_to_source == [
+        [],
+        [0],
+        [],
+        [1],
+        [],
+        [2],
+        [3],
+    ]
+
+
 @given(tokenized_text())
+@example(("a\tdef\nfoo", [(0, 1), (1, 5), (5, 9)], [(0, 1), (1, 2), (2, 5), (5, 6), (6, 9)]))
 def test_any_two_tokenizations_pair_as_the_brute_force_rule(example):
     text, source, target = example
     result = offset_align(source, target, text)

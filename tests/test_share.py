@@ -51,6 +51,20 @@ def test_the_order_is_fixed_by_seed_and_epoch_and_changes_between_epochs(files):
     assert sorted(order(7, 0)) == sorted(order(7, 1))
 
 
+def test_rows_are_shuffled_within_each_file_differently_every_epoch(files):
+    """Within a file the rows do not come in file order, and not in the same order twice:
+    a data set written sorted (by document) still trains in a mixed order."""
+    share = WorkerShare(files, rank=0, world=1, seed=7)
+    orders = []
+    for epoch in range(3):
+        read = [i for b in _ids(share, epoch, 1) for i in b]
+        largest = [i for i in read if 16 <= int(i[3:]) < 27]  # part-4: rows 16..26, in order
+        assert sorted(largest) == [f"row{n:02d}" for n in range(16, 27)]
+        orders.append(largest)
+    assert all(order != sorted(order) for order in orders)
+    assert orders[0] != orders[1] != orders[2]
+
+
 @pytest.mark.parametrize("skip_batches", [0, 1, 3, 5])
 def test_a_resume_continues_with_the_batches_an_uninterrupted_worker_reads(files, skip_batches):
     share = WorkerShare(files, rank=1, world=2, seed=3)

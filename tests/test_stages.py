@@ -130,3 +130,28 @@ def test_fused_tail_is_the_chosen_candidates_or_what_the_mixture_leaves_out():
     ]
     expected = 1 - (weights * np.array([0.9, 0.6]) * on_kept).sum()
     assert mixed["fused.tail"][0][0] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(("ce_unit", "mode"), [("byte", "clean"), ("auto", "clean")])
+def test_per_byte_avg_ce_weights_divide_each_total_nll_by_the_texts_utf8_bytes(ce_unit, mode):
+    """AvgCE per sequence mixes by softmax(-CE): the unit changes the weights, so the fused
+    distribution tells bytes (9 here) from characters (3), tokens (3) or nothing."""
+    batch = _batch()
+    batch["text"] = np.asarray(["é中😀"], dtype=object)  # 2 + 3 + 4 bytes
+    batch["target.nll"] = np.asarray([9.0], np.float32)  # 1.0 nats per byte
+    batch["src.nll"] = np.asarray([4.5], np.float32)  # 0.5 nats per byte
+    fuse = FuseConfig(method="avg_ce", granularity="sequence", ce_unit=ce_unit)
+    out = fuse_batch(batch, ["target", "src"], fuse, mode)
+    weights = np.exp([-1.0, -0.5]) / np.exp([-1.0, -0.5]).sum()
+    # position 1: target {7: e^1, 2: e^0.5}, source {7: e^4, 3: e^0}, each renormalised
+    target = {7: np.exp(1.0), 2: np.exp(0.5)}
+    source = {7: np.exp(4.0), 3: np.exp(0.0)}
+    mixed: dict[int, float] = {}
+    for weight, dist in zip(weights, (target, source), strict=True):
+        total = sum(dist.values())
+        for token, value in dist.items():
+            mixed[token] = mixed.get(token, 0.0) + weight * value / total
+    ids = out["fused.topk_ids"][0][1].tolist()
+    probs = np.exp(out["fused.topk_logits"][0][1])
+    assert ids == [7, 2]  # k = 2: the two most probable of the mixture
+    np.testing.assert_allclose(probs, [mixed[7], mixed[2]], rtol=1e-6)

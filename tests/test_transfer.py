@@ -15,8 +15,9 @@ from fusion.align import (
     offset_align,
     transfer_topk,
 )
+from fusion.align.alignment import Alignment
 from fusion.align.slow import transfer_topk_slow
-from tests.strategies import vocab
+from tests.strategies import examples, vocab
 
 
 @st.composite
@@ -39,7 +40,7 @@ def transfer_case(draw):
     return source_vocab, target_vocab, source_ids, target_ids, topk_ids, [logits] * n
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     case=transfer_case(),
     mode=st.sampled_from(["soft", "hard"]),
@@ -217,3 +218,27 @@ def test_real_eos_maps_to_eos_and_no_ordinary_token_lands_on_a_special():
     ordinary = np.ones(len(source_vocab), bool)
     ordinary[eos] = False
     assert not np.isin(bridge.mapped_ids[ordinary], list(specials)).any()
+
+
+def test_aligned_marks_only_positions_holding_the_sources_own_mapped_distribution():
+    """By hand: position 0 is paired and maps; 1 is unpaired (the one-hot fallback); 2 is
+    paired but every top-k entry falls outside the exact map (nothing survives); 3 is paired
+    to two source positions (no single source: fallback)."""
+    source_vocab = ["a", "b", "zz", "c"]
+    target_vocab = ["a", "b", "c", "d"]
+    bridge = VocabBridge.build(source_vocab, target_vocab, {})  # exact spelling only
+    alignment = Alignment(0.0, [[0], [], [1], [2, 3]], [])
+    moved = bridge.transfer(
+        [0, 1, 3, 2],
+        [0, 1, 2, 3],
+        [[0, 1], [2, 2], [2, 2], [3, 0]],
+        [[2.0, 1.0], [1.0, 0.5], [1.0, 0.5], [1.0, 0.5]],
+        alignment,
+        mode="hard",
+        fallback="next",
+        check_tokens=False,
+    )
+    assert moved.aligned.tolist() == [True, False, False, False]
+    assert moved.ids[0].tolist() == [0, 1]  # a, b
+    assert moved.ids[1].tolist() == [3, PAD_ID]  # the next target token, one-hot
+    assert moved.ids[2].tolist() == [PAD_ID, PAD_ID]  # "zz" has no target spelling

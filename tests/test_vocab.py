@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from rapidfuzz.distance import Levenshtein
 
 from fusion.align import exact_vocab_map, mined_vocab_map
 from fusion.align.slow import levenshtein, mined_vocab_map_slow
 from fusion.align.vocab import nearest_tokens
 from fusion.models import vocab_list
-from tests.strategies import markers, token, vocab
+from tests.strategies import examples, markers, token, vocab
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(source=vocab(), target=vocab(), marks=markers)
 def test_mined_map_equals_slow_map(source, target, marks):
     kwargs = {"source_marker": marks[0], "target_marker": marks[1]}
@@ -22,13 +22,14 @@ def test_mined_map_equals_slow_map(source, target, marks):
     )
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(source=vocab(max_len=24), target=vocab(max_size=8, max_len=3))
+@example(source=["a"], target=["abc", "xy"])
 def test_nearest_token_is_exact_beyond_every_distance_cutoff(source, target):
     assert mined_vocab_map(source, target) == mined_vocab_map_slow(source, target)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(a=token, b=token)
 def test_pure_python_levenshtein_equals_rapidfuzz(a, b):
     assert levenshtein(a, b) == Levenshtein.distance(a, b)
@@ -36,6 +37,13 @@ def test_pure_python_levenshtein_equals_rapidfuzz(a, b):
 
 def test_nearest_ties_go_to_the_first_target_in_id_order():
     assert nearest_tokens(["ab"], ["xb", "ay", "ab!"]).tolist() == [0]
+
+
+def test_a_choice_longer_by_exactly_the_cutoff_is_still_compared():
+    # "abc" and "xy" are both 2 edits from "a": the first must win, although "abc" is
+    # 2 characters longer (the edge of the length window under the cut-off 2)
+    assert nearest_tokens(["a"], ["abc", "xy"]).tolist() == [0]
+    assert nearest_tokens(["abc"], ["a", "xyz"]).tolist() == [0]  # and 2 shorter
 
 
 def test_map_between_two_trained_tokenizers_equals_slow(byte_level_tokenizer, metaspace_tokenizer):
