@@ -167,10 +167,12 @@ class DataConfig(_Strict):
 class AlignConfig(_Strict):
     """How source distributions are moved into the target vocabulary."""
 
-    method: Literal["dtw", "offsets", "bytes"] = "dtw"
+    method: Literal["auto", "dtw", "offsets", "bytes"] = "auto"
     """'dtw' as the reference; 'offsets' pairs positions by character offsets (exact);
     'bytes' projects each source's full next-token distribution into the target vocabulary
-    where the target's tokens end (clean mode, hf sources; vocab_map is then not used)."""
+    where the target's tokens end (clean mode, hf sources; vocab_map is then not used).
+    'auto' is 'dtw' in reference mode and 'bytes' in clean mode ('offsets' where a source's
+    backend gives only a top-k): the resolved config names the method that ran."""
     vocab_map: Literal["mined", "exact"] = "mined"
     """'mined' maps unmatched tokens to the nearest by edit distance; 'exact' drops them."""
     mode: Literal["reference", "clean"] = "reference"
@@ -362,6 +364,10 @@ class FusionConfig(_Strict):
 
     @model_validator(mode="after")
     def _projection_needs(self) -> FusionConfig:
+        if self.align.method == "auto":
+            return self.model_copy(
+                update={"align": self.align.model_copy(update={"method": self._auto_method()})}
+            )
         if self.align.method != "bytes":
             return self
         if self.align.mode != "clean":
@@ -377,6 +383,12 @@ class FusionConfig(_Strict):
                     "backend 'hf' (or align.method 'offsets')"
                 )
         return self
+
+    def _auto_method(self) -> str:
+        """What ``align.method: auto`` means for this config (see AlignConfig.method)."""
+        if self.align.mode == "reference":
+            return "dtw"
+        return "bytes" if all(s.backend == "hf" for s in self.sources) else "offsets"
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -37,6 +37,15 @@ def test_minimal_config_gets_reference_defaults():
     assert config.sources[0].num_gpus == 0 and config.sources[0].actors == 1
 
 
+@pytest.mark.parametrize(
+    ("mode", "backend", "method"),
+    [("reference", "hf", "dtw"), ("clean", "hf", "bytes"), ("clean", "vllm", "offsets")],
+)
+def test_auto_alignment_resolves_by_mode_and_backend(mode, backend, method):
+    config = parse_config(_raw(**{"align.mode": mode, "sources.0.backend": backend}))
+    assert config.align.method == method  # what the manifest's resolved config names
+
+
 def test_relative_paths_are_resolved_against_the_config_folder(tmp_path):
     raw = _raw(**{"data.paths": ["s3://bucket/x", "c.txt"], "sources.0.path": "./gone/gpt2"})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
