@@ -45,8 +45,9 @@ VIEWS = {
 @dataclass(frozen=True)
 class Arm:
     """One way of training the target: a teacher view (None: CLM alone), λ, the tail, and
-    whether it learns from the source alone or from the fused teacher (MinCE over target and
-    source, per token or, re-fused, per sequence)."""
+    whether it learns from the source alone, from the target's own distribution (a control:
+    soft labels without the source) or from the fused teacher (MinCE over target and source,
+    per token or, re-fused, per sequence)."""
 
     name: str
     view: str | None
@@ -63,7 +64,11 @@ ARMS = {
         Arm("bytes_lam0", "bytes", 0.0),
         Arm("bytes_lam0.5", "bytes", 0.5),
         Arm("bytes_lam0.5_bucket", "bytes", 0.5, "bucket"),
+        Arm("bytes_lam0.25", "bytes", 0.25),
+        Arm("bytes_lam0.7", "bytes", 0.7),
         Arm("bytes_lam0.9", "bytes", 0.9),
+        Arm("bytes_lam0_bucket", "bytes", 0.0, "bucket"),
+        Arm("self_lam0.5", "bytes", 0.5, teacher="target"),  # control: soft labels alone
         Arm("fused_token_lam0.5", "bytes", 0.5, teacher="fused"),
         Arm("fused_sequence_lam0.5", "bytes", 0.5, teacher="fused_sequence"),
     )
@@ -181,7 +186,7 @@ def _train(target: Path, name: str, data: Path, arm: Arm, seed: int, epochs: int
         "align": manifest["config"]["align"],
         "output": {"dir": str(data)},
         "train": {
-            "teacher": name if arm.teacher == "source" else "fused",
+            "teacher": {"source": name, "target": "target"}.get(arm.teacher, "fused"),
             "lam": arm.lam,
             "kd_tail": arm.kd_tail,
             "lr": 1e-3,
