@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,20 @@ for folder in sys.argv[1:]:
                       "tokenizer": len(hf.tokenizer), "top_id": top_id,
                       "padded_in_top": padded_in_top}))
 """
+
+
+def test_a_source_actor_process_loads_no_numba_before_its_engine_starts():
+    # vLLM's CPU platform scans every loaded module when its engine starts and fails on
+    # llvmlite's library wrapper ("'_lib_fn_wrapper' object has no attribute 'get'"): the
+    # modules a source actor imports must leave numba (and with it llvmlite) unloaded.
+    probe = (
+        "import sys, fusion.stages, fusion.backends.hf, fusion.backends.vllm, fusion.align;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")

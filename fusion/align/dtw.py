@@ -2,8 +2,8 @@
 
 Same cost (Levenshtein of the marker-free strings), recursion, traceback and tie order as the
 reference (§3), but the edit distances are computed once per pair of *distinct* strings with
-rapidfuzz and the O(n·m) dynamic programme runs in a numba kernel: milliseconds instead of
-seconds for a 2048 × 2048 pair.
+rapidfuzz and the O(n·m) dynamic programme runs in a numba kernel (``dtw_kernels``):
+milliseconds instead of seconds for a 2048 × 2048 pair.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import numba
 import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
@@ -20,62 +19,6 @@ from fusion.align.alignment import Alignment, check_tokens, invert
 from fusion.align.markers import strip_marker
 
 TieBreak = Literal["fusellm", "fusechat"]
-
-
-@numba.njit(cache=True, nogil=True)
-def _accumulate(pair_cost, source_index, target_index, total):  # pragma: no cover - compiled
-    """Fill ``total`` with the DTW recursion; cell cost = pair_cost[source id, target id]."""
-    n, m = source_index.shape[0], target_index.shape[0]
-    row = pair_cost[source_index[0]]
-    total[0, 0] = row[target_index[0]]
-    for j in range(1, m):
-        total[0, j] = total[0, j - 1] + row[target_index[j]]
-    for i in range(1, n):
-        row = pair_cost[source_index[i]]
-        total[i, 0] = total[i - 1, 0] + row[target_index[0]]
-        for j in range(1, m):
-            best = total[i - 1, j - 1]
-            up = total[i - 1, j]
-            left = total[i, j - 1]
-            if up < best:
-                best = up
-            if left < best:
-                best = left
-            total[i, j] = best + row[target_index[j]]
-
-
-@numba.njit(cache=True, nogil=True)
-def _traceback(total, up_before_left):  # pragma: no cover - compiled
-    """Walk back from the last cell; ties prefer diag, then up/left in the given order."""
-    n, m = total.shape
-    path_source = np.empty(n + m - 1, np.int64)
-    path_target = np.empty(n + m - 1, np.int64)
-    i, j, k = n - 1, m - 1, 0
-    while i > 0 or j > 0:
-        path_source[k] = i
-        path_target[k] = j
-        k += 1
-        if i == 0:
-            j -= 1
-        elif j == 0:
-            i -= 1
-        else:
-            diag, up, left = total[i - 1, j - 1], total[i - 1, j], total[i, j - 1]
-            if diag <= up and diag <= left:
-                i -= 1
-                j -= 1
-            elif up_before_left:
-                if up <= left:
-                    i -= 1
-                else:
-                    j -= 1
-            elif left <= up:
-                j -= 1
-            else:
-                i -= 1
-    path_source[k] = 0
-    path_target[k] = 0
-    return path_source[: k + 1][::-1], path_target[: k + 1][::-1]
 
 
 def _distinct(strings: list[str]) -> tuple[list[str], np.ndarray]:
@@ -112,8 +55,12 @@ def dtw_align(
     # The path has at most n + m - 1 cells, each no dearer than the dearest pair.
     bound = (len(source) + len(target)) * max(int(pair_cost.max()), 1)
     total = np.empty((len(source), len(target)), dtype=np.int32 if bound < 2**31 else np.int64)
-    _accumulate(pair_cost.astype(total.dtype, copy=False), source_index, target_index, total)
-    path_source, path_target = _traceback(total, tie_break == "fusellm")
+    from fusion.align import dtw_kernels  # numba only when DTW runs (see dtw_kernels)
+
+    dtw_kernels.accumulate(
+        pair_cost.astype(total.dtype, copy=False), source_index, target_index, total
+    )
+    path_source, path_target = dtw_kernels.traceback(total, tie_break == "fusellm")
     source_to_target: list[list[int]] = [[] for _ in source]
     for i, j in zip(path_source.tolist(), path_target.tolist(), strict=True):
         source_to_target[i].append(j)
