@@ -208,7 +208,7 @@ def config_for(root: Path, out: Path, actors: int, method: str = "offsets"):
                     "name": "src",
                     "path": str(root / "source"),
                     "actors": actors,
-                    "num_cpus": 0.8,
+                    "num_cpus": 0.7,  # two actors and the CPU stages fit 2 CPUs
                     "batch_size": BATCH,
                 }
             ],
@@ -246,14 +246,16 @@ def timed_prepare(root: Path, actors: int, method: str = "offsets") -> dict:
     marks: list[tuple[float, int]] = []
 
     def record(line: str) -> None:
+        # "wrote FILE: N rows · R rows, T tokens this run · …": T counts this run's tokens so far
         if line.startswith("wrote "):
-            marks.append((time.perf_counter(), int(line.split(", ")[1].split()[0])))
+            tokens = line.split(" · ")[1].split(", ")[1].split()[0]
+            marks.append((time.perf_counter(), int(tokens.replace(",", ""))))
 
     start = time.perf_counter()
     out = root / f"out{actors}-{method}"
     summary = prepare(config_for(root, out, actors, method), echo=record)
     wall = time.perf_counter() - start
-    steady_tokens = sum(tokens for _, tokens in marks[1:])
+    steady_tokens = marks[-1][1] - marks[0][1]
     steady_seconds = marks[-1][0] - marks[0][0]
     return {
         "wall_seconds": wall,
