@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
 
 from fusion.align.transfer import PAD_ID
 
@@ -43,6 +42,8 @@ def ce_rewards(ce: Sequence[float] | np.ndarray, *, precision: Precision = "bf16
         return np.exp(-values)
     if precision != "bf16":
         raise ValueError(f"precision must be 'bf16' or 'fp64', got {precision!r}")
+    import torch  # only here: the fuse stage's workers need no torch in clean mode
+
     rounded = torch.tensor(values, dtype=torch.float64).to(torch.bfloat16)
     return (1 / torch.exp(rounded)).to(torch.float64).numpy()
 
@@ -64,6 +65,13 @@ def avg_ce_weights(ce: Sequence[float], *, mode: Mode = "reference") -> list[flo
     else:
         raise ValueError(f"mode must be 'reference' or 'clean', got {mode!r}")
     return _softmax(scores, axis=0).tolist()
+
+
+def tail_mass(values: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """``1 - Σ_k softmax`` per position from top-k logits ``[L, k]`` and log-normalisers
+    ``[L]`` (never below 0)."""
+    kept = np.exp(values.astype(np.float64) - lse.astype(np.float64)[:, None]).sum(-1)
+    return np.clip(1.0 - kept, 0.0, 1.0).astype(np.float32)
 
 
 def _softmax(scores: np.ndarray, axis: int) -> np.ndarray:

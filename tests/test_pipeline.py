@@ -206,7 +206,7 @@ def test_killed_prepare_resumes_to_the_same_rows_with_none_missing_or_repeated(
     _, summary, full_out = prepared
     out = tmp_path / "out"
     raw = _raw_config(world, out)
-    raw["output"]["rows_per_file"] = 2
+    raw["output"]["rows_per_file"] = 4
     raw["ray"] = {"address": ray_address()}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     fusion = Path(sys.executable).with_name("fusion")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -155,3 +159,20 @@ def test_per_byte_avg_ce_weights_divide_each_total_nll_by_the_texts_utf8_bytes(c
     probs = np.exp(out["fused.topk_logits"][0][1])
     assert ids == [7, 2]  # k = 2: the two most probable of the mixture
     np.testing.assert_allclose(probs, [mixed[7], mixed[2]], rtol=1e-6)
+
+
+def test_the_stages_module_loads_without_torch_or_transformers():
+    # Every Ray worker of an align, fuse or write stage imports fusion.stages: only the
+    # reading and model stages need torch and transformers, and import them when built.
+    probe = (
+        "import sys, fusion.stages;"
+        "print(sorted(m for m in ('torch', 'transformers', 'numba') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    )
+    assert done.stdout.strip() == "[]", done.stdout

@@ -55,13 +55,6 @@ class Projected:
     nll: float
 
 
-def tail_mass(values: np.ndarray, lse: np.ndarray) -> np.ndarray:
-    """``1 - Σ_k softmax`` per position from top-k logits ``[L, k]`` and log-normalisers
-    ``[L]`` (never below 0)."""
-    kept = np.exp(values.astype(np.float64) - lse.astype(np.float64)[:, None]).sum(-1)
-    return np.clip(1.0 - kept, 0.0, 1.0).astype(np.float32)
-
-
 class HFTopK:
     """Holds one model and its tokenizer; ``read`` returns top-k for a batch of texts.
 
