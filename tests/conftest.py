@@ -25,8 +25,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 os.environ["FUSION_STRICT_DEVICE"] = "1"
 
 # Ray Train's controller looks at its workers every 2 s by default, so every run ends up to
-# 2 s after its workers are done and starts as late; a tiny training run spends a third of
-# its time there. Polled every 0.2 s (inherited by every Ray process and `fusion`
+# 2 s after its workers are done and starts as late; a tiny training run spends about a
+# quarter of its time there. Polled every 0.2 s (inherited by every Ray process and `fusion`
 # subprocess a test starts), a three-step run takes 11 s instead of 15.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 

@@ -11,13 +11,13 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from fusion.config import SourceConfig
+from tests.imports import packages_loaded_by
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARE = """
@@ -26,6 +26,7 @@ import numpy as np, torch
 from fusion.backends.hf import HFTopK
 from fusion.backends.vllm import VLLMTopK
 from fusion.config import SourceConfig
+from tests.imports import packages_loaded_by
 texts = ["def f(x):\\n    return x + 1\\n", "The quick brown fox jumps over the lazy dog.", "a"]
 for folder in sys.argv[1:]:
     source = SourceConfig(name="s", path=folder, max_length=128)
@@ -58,14 +59,8 @@ def test_a_source_actor_process_loads_no_numba_before_its_engine_starts():
     # vLLM's CPU platform scans every loaded module when its engine starts and fails on
     # llvmlite's library wrapper ("'_lib_fn_wrapper' object has no attribute 'get'"): the
     # modules a source actor imports must leave numba (and with it llvmlite) unloaded.
-    probe = (
-        "import sys, fusion.stages, fusion.backends.hf, fusion.backends.vllm, fusion.align;"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
-    )
-    assert done.stdout.strip() == "[]", done.stdout
+    actor = ["fusion.stages", "fusion.backends.hf", "fusion.backends.vllm", "fusion.align"]
+    assert packages_loaded_by(actor, ["numba", "llvmlite"]) == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")

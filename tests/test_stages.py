@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -13,6 +9,7 @@ from fusion.align import PAD_ID, VocabBridge
 from fusion.config import AlignConfig, FuseConfig
 from fusion.fuse import MIXED, NO_TEACHER
 from fusion.stages import align_row, fuse_batch, object_array
+from tests.imports import packages_loaded_by
 
 
 def _batch():
@@ -164,15 +161,4 @@ def test_per_byte_avg_ce_weights_divide_each_total_nll_by_the_texts_utf8_bytes(c
 def test_the_stages_module_loads_without_torch_or_transformers():
     # Every Ray worker of an align, fuse or write stage imports fusion.stages: only the
     # reading and model stages need torch and transformers, and import them when built.
-    probe = (
-        "import sys, fusion.stages;"
-        "print(sorted(m for m in ('torch', 'transformers', 'numba') if m in sys.modules))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-        check=True,
-    )
-    assert done.stdout.strip() == "[]", done.stdout
+    assert packages_loaded_by(["fusion.stages"], ["torch", "transformers", "numba"]) == []
