@@ -206,6 +206,7 @@ def test_killed_prepare_resumes_to_the_same_rows_with_none_missing_or_repeated(
     _, summary, full_out = prepared
     out = tmp_path / "out"
     raw = _raw_config(world, out)
+    raw["sources"] = raw["sources"][:1]  # resuming is under test, not the number of models
     raw["output"]["rows_per_file"] = 4
     raw["ray"] = {"address": ray_address()}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
@@ -230,11 +231,14 @@ def test_killed_prepare_resumes_to_the_same_rows_with_none_missing_or_repeated(
     ids = pq.read_table(out / "data")["id"].to_pylist()
     assert len(ids) == len(set(ids))
     assert resumed.rows == summary.rows and committed_at_kill < resumed.files
-    # The same rows, value for value, as the uninterrupted run (parts are cut differently).
+    # The same rows, value for value, as the uninterrupted run (parts are cut differently; the
+    # fused columns differ as that run fused more sources).
     got = pq.read_table(out / "data").sort_by("id")
     expected = pq.read_table(full_out / "data").sort_by("id")
-    assert got.column_names == expected.column_names
-    for name in expected.column_names:
+    shared = [c for c in got.column_names if not c.startswith("fused.")]
+    assert {"id", "target.topk_logits", "coder.topk_ids", "coder.ce"} <= set(shared)
+    assert set(shared) <= set(expected.column_names)
+    for name in shared:
         assert got[name].to_pylist() == expected[name].to_pylist(), name
 
 
