@@ -196,6 +196,9 @@ def teacher_dataset(
             "done_ids": done,
             "bos": training_bos(config),
             "skip": skip,
+            "tokenizer": None
+            if config.target.trust_remote_code
+            else model_tokenizer(config.target, "target"),
         },
         batch_size=1,
         compute=pool(size=actors["read"]),

@@ -14,6 +14,7 @@ start in a fraction of the time.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from fusion.diagnostics import teacher_counts
 from fusion.fuse import fuse_topk, tail_mass, topk_token_ce
 from fusion.output import OutputDir
 from fusion.rows import FUSED, TARGET, candidate_aligned, next_tokens, to_table
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def object_array(values: list) -> np.ndarray:
@@ -46,7 +50,13 @@ def set_threads(num_cpus: float, threads: int | None = None) -> None:
 
 
 class ChunkStage:
-    """Reads shards and cuts their documents into chunks; skips chunks already written."""
+    """Reads shards and cuts their documents into chunks; skips chunks already written.
+
+    ``tokenizer`` is the target's tokenizer as the driver loaded it: unpickled, it needs only
+    its own class, where loading it again would import transformers' auto classes and with
+    them torch (2.5 s of CPU per reader). Without it (remote code, whose classes a worker
+    may not find) the reader loads the tokenizer itself.
+    """
 
     def __init__(
         self,
@@ -55,10 +65,13 @@ class ChunkStage:
         done_ids: dict[int, set[str]],
         bos: int | None = None,
         skip: dict[int, int] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ):
-        from fusion.models import model_tokenizer
+        if tokenizer is None:
+            from fusion.models import model_tokenizer
 
-        self.tokenizer = model_tokenizer(target)
+            tokenizer = model_tokenizer(target)
+        self.tokenizer = tokenizer
         self.data = data
         self.done_ids = done_ids
         self.skip = skip or {}  # shard: its first chunks a resumed stream already trained on

@@ -7,6 +7,7 @@ problems surface from inside the pipeline's Ray workers and must arrive the same
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -23,8 +24,6 @@ import yaml
 from typer.testing import CliRunner
 
 from fusion.cli import app
-from fusion.config import parse_config
-from fusion.pipeline import prepare
 
 pytestmark = pytest.mark.slow
 
@@ -48,14 +47,6 @@ def _raw(world: Path, out: Path) -> dict:
         "data": {"paths": [str(world / "corpus.jsonl")], "max_length": 48},
         "output": {"dir": str(out), "rows_per_file": 4},
     }
-
-
-@pytest.fixture(scope="module")
-def prepared(world, ray_cluster, tmp_path_factory) -> Path:
-    """A complete teacher data set of the world, for the training cases."""
-    out = tmp_path_factory.mktemp("prepared") / "data"
-    prepare(parse_config(_raw(world, out)), quiet=True)
-    return out
 
 
 def _trusted(folder: Path) -> dict[str, bytes]:
@@ -359,7 +350,8 @@ def test_disk_full_while_writing_names_the_file_and_leaves_no_part(
 
 
 # Training: the prepared data set must belong to this target, be whole and be big enough.
-def _train_raw(world: Path, data: Path, storage: Path, **train) -> dict:
+# The session's prepared world (a target, one source "src" and their teacher data) is copied.
+def _train_raw(raw: dict, data: Path, storage: Path) -> dict:
     settings = {
         "data": str(data),
         "storage_path": str(storage),
@@ -369,7 +361,7 @@ def _train_raw(world: Path, data: Path, storage: Path, **train) -> dict:
         "micro_batch_size": 2,
         "max_steps": 1,
     }
-    return _raw(world, data) | {"train": settings | train}
+    return copy.deepcopy(raw) | {"output": {"dir": str(data)}, "train": settings}
 
 
 def _other_target(raw, data):
@@ -425,9 +417,10 @@ TRAIN_CASES: dict[str, Callable[[dict, Path], str]] = {
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES)
-def test_training_refuses_data_it_cannot_trust(world, prepared, ray_cluster, tmp_path, case):
-    data = shutil.copytree(prepared, tmp_path / "data")
-    raw = _train_raw(world, data, tmp_path / "storage")
+def test_training_refuses_data_it_cannot_trust(prepared_world, tmp_path, case):
+    root, prepared_raw = prepared_world
+    data = shutil.copytree(root / "data", tmp_path / "data")
+    raw = _train_raw(prepared_raw, data, tmp_path / "storage")
     message = TRAIN_CASES[case](raw, data)
     _fail("train", raw, tmp_path, message, watch=tmp_path / "storage")
     assert not (tmp_path / "storage" / "export").exists()

@@ -162,3 +162,59 @@ def test_the_stages_module_loads_without_torch_or_transformers():
     # Every Ray worker of an align, fuse or write stage imports fusion.stages: only the
     # reading and model stages need torch and transformers, and import them when built.
     assert packages_loaded_by(["fusion.stages"], ["torch", "transformers", "numba"]) == []
+
+
+READER = """
+import json, pickle, sys
+from fusion.config import DataConfig, TargetConfig
+from fusion.corpus import plan_shards
+from fusion.stages import ChunkStage
+
+data = DataConfig(paths=[sys.argv[1]], max_length=12)
+descriptor = {k: [v] for k, v in plan_shards(data)[0].descriptor().items()}
+with open(sys.argv[2], "rb") as stream:
+    tokenizer = pickle.load(stream)
+out = ChunkStage(TargetConfig(path=sys.argv[3]), data, {}, tokenizer=tokenizer)(descriptor)
+print(json.dumps({
+    "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch"),
+    "ids": [list(map(int, ids)) for ids in out["input_ids"]],
+    "offsets": [[list(map(int, span)) for span in spans] for spans in out["offsets"]],
+}))
+"""
+
+
+def test_a_reader_given_the_drivers_tokenizer_chunks_as_one_that_loads_it_and_needs_no_torch(
+    model_dirs, tmp_path
+):
+    import json
+    import pickle
+    import subprocess
+    import sys
+
+    from fusion.config import DataConfig, TargetConfig
+    from fusion.corpus import plan_shards
+    from fusion.models import load_tokenizer
+    from fusion.stages import ChunkStage
+    from tests.imports import ROOT
+
+    corpus = tmp_path / "corpus.jsonl"
+    texts = ["def f(x):\n\treturn x  # tab\n", "naïve café — 日本語 text\n\nand more", " \t\n "]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    target = str(model_dirs["target"])
+    (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(load_tokenizer(target)))
+    done = subprocess.run(
+        [sys.executable, "-c", READER, str(corpus), str(tmp_path / "tokenizer.pkl"), target],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    shipped = json.loads(done.stdout)
+
+    data = DataConfig(paths=[str(corpus)], max_length=12)
+    descriptor = {k: [v] for k, v in plan_shards(data)[0].descriptor().items()}
+    loaded = ChunkStage(TargetConfig(path=target), data, {})(descriptor)  # loads it itself
+    assert shipped["torch"] == []
+    assert len(shipped["ids"]) > len(texts)  # long documents give several chunks
+    assert shipped["ids"] == [ids.tolist() for ids in loaded["input_ids"]]
+    assert shipped["offsets"] == [np.asarray(o).reshape(-1, 2).tolist() for o in loaded["offsets"]]
