@@ -22,4 +22,11 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install $torch_spec
 "${pip[@]}" install -e "$root[dev]"
 "${pip[@]}" install --no-deps $tokenizer_data
+# DeepSpeed compiles its CPU comm op the first time an engine starts on a CPU (25-40 s of
+# every core). Build it once here, with the venv's own ninja (as scripts/test.sh finds it),
+# so that the first training run does not; a machine without a compiler only gets a note.
+if ! PATH="$venv/bin:$PATH" "$venv/bin/python" -c \
+    "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1; then
+    echo "bootstrap: note: DeepSpeed's CPU comm op did not build; the first CPU run builds it" >&2
+fi
 echo "$want" > "$venv/.fusion-stamp"
