@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.backends.hf import HFTopK, ModelOutputError
 from fusion.config import ModelConfig
-from fusion.toy import save_model_dir, tiny_causal_lm
+from fusion.teacher.backends.hf import HFTopK, ModelOutputError
+from fusion.testing.toy import save_model_dir, tiny_causal_lm
 
 
 @pytest.fixture()
@@ -105,8 +105,8 @@ def test_a_model_trained_with_bos_is_read_after_it_and_stores_the_lower_ce(
     from transformers import AutoModelForCausalLM
 
     from fusion.config import SourceConfig, TargetConfig
-    from fusion.rows import TARGET
-    from fusion.stages import ForwardStage, object_array
+    from fusion.teacher.rows import TARGET
+    from fusion.teacher.stages import ForwardStage, object_array
 
     folder, bos = bos_trained_dir
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -160,8 +160,8 @@ def test_a_row_reads_the_same_alone_or_padded_into_any_batch(model_dirs):
 
 def test_chunks_of_a_bos_target_leave_room_for_its_bos(bos_trained_dir, training_texts):
     from fusion.config import DataConfig, TargetConfig
-    from fusion.corpus import plan_shards
-    from fusion.stages import ChunkStage
+    from fusion.data.corpus import plan_shards
+    from fusion.teacher.stages import ChunkStage
 
     folder, bos = bos_trained_dir
     corpus = folder.parent / "corpus.txt"

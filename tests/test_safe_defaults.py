@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fusion.config import parse_config
-from fusion.files import write_text_atomically
-from fusion.pipeline import runtime_env
+from fusion.data.files import write_text_atomically
+from fusion.teacher.pipeline import runtime_env
 
 
 def _config(**ray) -> object:

@@ -7,8 +7,8 @@ import pytest
 
 from fusion.align import PAD_ID, VocabBridge
 from fusion.config import AlignConfig, FuseConfig
-from fusion.fuse import MIXED, NO_TEACHER
-from fusion.stages import align_row, fuse_batch, object_array
+from fusion.teacher.fuse import MIXED, NO_TEACHER
+from fusion.teacher.stages import align_row, fuse_batch, object_array
 from tests.imports import packages_loaded_by
 
 
@@ -98,7 +98,7 @@ def test_model_actors_use_the_configured_torch_threads(model_dirs):
     import torch
 
     from fusion.config import SourceConfig
-    from fusion.stages import ForwardStage
+    from fusion.teacher.stages import ForwardStage
 
     before = torch.get_num_threads()
     try:
@@ -159,16 +159,16 @@ def test_per_byte_avg_ce_weights_divide_each_total_nll_by_the_texts_utf8_bytes(c
 
 
 def test_the_stages_module_loads_without_torch_or_transformers():
-    # Every Ray worker of an align, fuse or write stage imports fusion.stages: only the
+    # Every Ray worker of an align, fuse or write stage imports fusion.teacher.stages: only the
     # reading and model stages need torch and transformers, and import them when built.
-    assert packages_loaded_by(["fusion.stages"], ["torch", "transformers", "numba"]) == []
+    assert packages_loaded_by(["fusion.teacher.stages"], ["torch", "transformers", "numba"]) == []
 
 
 READER = """
 import json, pickle, sys
 from fusion.config import DataConfig, TargetConfig
-from fusion.corpus import plan_shards
-from fusion.stages import ChunkStage
+from fusion.data.corpus import plan_shards
+from fusion.teacher.stages import ChunkStage
 
 data = DataConfig(paths=[sys.argv[1]], max_length=12)
 descriptor = {k: [v] for k, v in plan_shards(data)[0].descriptor().items()}
@@ -192,9 +192,9 @@ def test_a_reader_given_the_drivers_tokenizer_chunks_as_one_that_loads_it_and_ne
     import sys
 
     from fusion.config import DataConfig, TargetConfig
-    from fusion.corpus import plan_shards
-    from fusion.models import load_tokenizer
-    from fusion.stages import ChunkStage
+    from fusion.data.corpus import plan_shards
+    from fusion.models.loading import load_tokenizer
+    from fusion.teacher.stages import ChunkStage
     from tests.imports import ROOT
 
     corpus = tmp_path / "corpus.jsonl"

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.files import write_bytes_atomically
+from fusion.data.files import write_bytes_atomically
 
 _FORMAT = "fusion-byte-projection/1"
 LOOKAHEAD_STEPS = 4  # source tokens read along the text past the covering one, at most
@@ -85,7 +85,7 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     no token uses. Byte-level tokens and ``<0xNN>`` byte-fallback tokens give their exact
     bytes (a piece of a character included); other tokens are decoded after a letter, so a
     decoder that strips a leading space at the start of a text keeps it here."""
-    from fusion.models import UNUSED_PREFIX, vocab_list
+    from fusion.models.loading import UNUSED_PREFIX, vocab_list
 
     vocab = vocab_list(tokenizer)
     special = set(tokenizer.all_special_ids) | {

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fusion.config import FusionConfig, ModelConfig
 from fusion.errors import FusionError
-from fusion.gguf_header import read_gguf_header, require_gguf_packages
+from fusion.models.gguf_header import read_gguf_header, require_gguf_packages
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -195,8 +195,8 @@ def load_causal_lm(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fusion.device import resolve_dtype
-    from fusion.placement import hf_placement
+    from fusion.models.device import resolve_dtype
+    from fusion.models.placement import hf_placement
 
     check_model_folder(model, field, label=label)
     gguf_file = gguf_file_in(Path(model.path), model.gguf_file, field)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fusion.corpus import open_filesystem
+from fusion.data.corpus import open_filesystem
 from fusion.errors import FusionError
 
 RUN_FILE = "run.json"

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from fusion.config import DataConfig, ModelConfig
-from fusion.corpus import plan_shards, read_documents
+from fusion.data.corpus import plan_shards, read_documents
 from fusion.errors import FusionError
-from fusion.head import ChunkedHead
-from fusion.models import load_causal_lm, model_tokenizer, vocab_fingerprint
+from fusion.models.head import ChunkedHead
+from fusion.models.loading import load_causal_lm, model_tokenizer, vocab_fingerprint
 from fusion.progress import Meter
 
 

@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import torch
 
 from fusion.align import PAD_ID
-from fusion.fuse import NO_TEACHER
-from fusion.rows import FUSED, TARGET
+from fusion.teacher.fuse import NO_TEACHER
+from fusion.teacher.rows import FUSED, TARGET
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

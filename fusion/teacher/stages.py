@@ -22,13 +22,13 @@ from fusion.align import VocabBridge, dtw_align, offset_align
 from fusion.align.alignment import Alignment
 from fusion.align.projection import ByteProjection
 from fusion.align.transfer import PAD_ID
-from fusion.chunking import Chunk, chunk_document
 from fusion.config import AlignConfig, DataConfig, FuseConfig, ModelConfig
-from fusion.corpus import CorpusError, Shard, read_documents
-from fusion.diagnostics import teacher_counts
-from fusion.fuse import fuse_topk, tail_mass, topk_token_ce
-from fusion.output import OutputDir
-from fusion.rows import FUSED, TARGET, candidate_aligned, next_tokens, to_table
+from fusion.data.chunking import Chunk, chunk_document
+from fusion.data.corpus import CorpusError, Shard, read_documents
+from fusion.teacher.diagnostics import teacher_counts
+from fusion.teacher.fuse import fuse_topk, tail_mass, topk_token_ce
+from fusion.teacher.output import OutputDir
+from fusion.teacher.rows import FUSED, TARGET, candidate_aligned, next_tokens, to_table
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -68,7 +68,7 @@ class ChunkStage:
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         if tokenizer is None:
-            from fusion.models import model_tokenizer
+            from fusion.models.loading import model_tokenizer
 
             tokenizer = model_tokenizer(target)
         self.tokenizer = tokenizer
@@ -150,11 +150,11 @@ class ForwardStage:
         self.field = "target" if name == TARGET else f"source {name!r}"
         kind = getattr(model, "backend", "hf")
         if kind == "vllm":
-            from fusion.backends.vllm import VLLMTopK as backend
+            from fusion.teacher.backends.vllm import VLLMTopK as backend
         elif kind == "simulated":
-            from fusion.backends.simulated import SimulatedTopK as backend
+            from fusion.teacher.backends.simulated import SimulatedTopK as backend
         else:
-            from fusion.backends.hf import HFTopK as backend
+            from fusion.teacher.backends.hf import HFTopK as backend
         read_bos = mode == "clean"  # the reference reads without BOS
         self.reader = backend(model, self.field, num_gpus=num_gpus, top_k=top_k, read_bos=read_bos)
 

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from fusion.align.projection import ByteProjection, PositionPlan, along_the_text
-from fusion.chunking import encode_for_reading
 from fusion.config import ModelConfig
+from fusion.data.chunking import encode_for_reading
 from fusion.errors import FusionError
-from fusion.head import ChunkedHead
-from fusion.models import (
+from fusion.models.head import ChunkedHead
+from fusion.models.loading import (
     UNUSED_PREFIX,
     load_causal_lm,
     model_tokenizer,
@@ -105,7 +105,7 @@ class HFTopK:
     @torch.inference_mode()
     def read(self, sequences: list[np.ndarray], row_ids: list[str]) -> list[TopK]:
         """Top-k and CE for each id sequence, from one right-padded forward pass whose output
-        head runs a few positions at a time (:class:`~fusion.head.ChunkedHead`): the batch's
+        head runs a few positions at a time (:class:`~fusion.models.head.ChunkedHead`): the batch's
         ``[B, L, V]`` logits never exist at once. The NaN check reads the top-1 values."""
         reading, lengths = self._read(sequences, row_ids, None)
         first = int(self.bos is not None)  # a BOS read first is dropped from every output

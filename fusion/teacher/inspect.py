@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 
-from fusion.corpus import open_filesystem
+from fusion.data.corpus import open_filesystem
 from fusion.errors import FusionError
-from fusion.fuse import MIXED, NO_TEACHER
-from fusion.output import complete_manifest, join
-from fusion.rows import FUSED, candidate_aligned, table_to_batch
+from fusion.teacher.fuse import MIXED, NO_TEACHER
+from fusion.teacher.output import complete_manifest, join
+from fusion.teacher.rows import FUSED, candidate_aligned, table_to_batch
 
 
 class InspectError(FusionError):
@@ -84,7 +84,7 @@ def _show(token: str, width: int = 12) -> str:
 
 def row_lines(folder: str | Path, manifest: dict, row_id: str, positions: int) -> list[str]:
     """One row side by side: target token, next token, each candidate's top-3, the choice."""
-    from fusion.models import load_tokenizer
+    from fusion.models.loading import load_tokenizer
 
     filesystem, root = open_filesystem(str(folder))
     files = [join(root, f["file"]) for f in manifest["files"]]

@@ -17,15 +17,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from fusion.chunking import encode
 from fusion.config import FuseConfig, FusionConfig
-from fusion.corpus import Shard
+from fusion.data.chunking import encode
+from fusion.data.corpus import Shard
 from fusion.errors import FusionError
-from fusion.models import model_tokenizer, vocab_list
-from fusion.output import OutputDir, complete_manifest
-from fusion.pipeline import PrepareSummary, candidates, fingerprint, finish, summary_of
-from fusion.rows import FUSED, schema, table_to_batch
-from fusion.stages import fuse_batch, object_array, write_batch
+from fusion.models.loading import model_tokenizer, vocab_list
+from fusion.teacher.output import OutputDir, complete_manifest
+from fusion.teacher.pipeline import PrepareSummary, candidates, fingerprint, finish, summary_of
+from fusion.teacher.rows import FUSED, schema, table_to_batch
+from fusion.teacher.stages import fuse_batch, object_array, write_batch
 
 
 class RefuseError(FusionError):

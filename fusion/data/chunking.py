@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusion.corpus import Document
+from fusion.data.corpus import Document
 
 
 @dataclass(frozen=True)

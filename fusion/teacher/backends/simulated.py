@@ -12,14 +12,15 @@ import time
 
 import numpy as np
 
-from fusion.backends.hf import TopK
-from fusion.chunking import encode_for_reading
 from fusion.config import SourceConfig
-from fusion.models import model_tokenizer, reading_bos
+from fusion.data.chunking import encode_for_reading
+from fusion.models.loading import model_tokenizer, reading_bos
+from fusion.teacher.backends.hf import TopK
 
 
 class SimulatedTopK:
-    """The reader interface of :class:`~fusion.backends.hf.HFTopK`, at a configured speed."""
+    """The reader interface of :class:`~fusion.teacher.backends.hf.HFTopK`, at a configured
+    speed."""
 
     def __init__(
         self, model: SourceConfig, field: str, *, num_gpus: float, top_k: int, read_bos: bool

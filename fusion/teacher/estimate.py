@@ -17,11 +17,11 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fusion.chunking import encode
 from fusion.config import FusionConfig, ModelConfig
-from fusion.corpus import Shard, compression_of, open_filesystem, plan_shards, read_documents
-from fusion.gguf_header import read_gguf_header
-from fusion.models import gguf_file_in, model_config_values, model_tokenizer
+from fusion.data.chunking import encode
+from fusion.data.corpus import Shard, compression_of, open_filesystem, plan_shards, read_documents
+from fusion.models.gguf_header import read_gguf_header
+from fusion.models.loading import gguf_file_in, model_config_values, model_tokenizer
 
 ASSUMED_FLOPS = {"cpu_core": 2e10, "gpu": 1e14}  # effective forward FLOP/s
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

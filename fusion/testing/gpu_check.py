@@ -8,7 +8,7 @@ Four checks on tiny models built here, each printing PASS, SKIP (with the reason
 - ``head``: the chunked output head at a 262,144-token vocabulary, batch 8 × 2048 (2 × 256
   with ``--cpu``), with the peak memory it added;
 - ``train``: one fused-loss step (DDP) in a one-rank process group (NCCL on a GPU, gloo on
-  the CPU) under the device rule of :mod:`fusion.device`;
+  the CPU) under the device rule of :mod:`fusion.models.device`;
 - ``deepspeed``: the same step with DeepSpeed ZeRO-2 and ZeRO-3 where deepspeed imports.
 
 It needs torch, transformers, tokenizers, numpy, pydantic and pyyaml (no Ray, no pyarrow).
@@ -35,7 +35,7 @@ def _world(root: Path) -> Path:
     """A tiny Llama and its tokenizer, saved as a model folder."""
     import pydoc_data.topics
 
-    from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
+    from fusion.testing.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 
     texts = list(pydoc_data.topics.topics.values())[:40]
     tokenizer = train_tokenizer(texts, "metaspace", 800)
@@ -43,8 +43,8 @@ def _world(root: Path) -> Path:
 
 
 def check_backend(folder: Path, device: str) -> str:
-    from fusion.backends.hf import HFTopK
     from fusion.config import ModelConfig
+    from fusion.teacher.backends.hf import HFTopK
 
     dtype = "auto" if device == "cuda" else "bfloat16"
     fast = HFTopK(
@@ -75,7 +75,7 @@ def check_backend(folder: Path, device: str) -> str:
 def check_head(device: str) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fusion.head import ChunkedHead
+    from fusion.models.head import ChunkedHead
 
     batch, length = (8, 2048) if device == "cuda" else (2, 256)
     config = LlamaConfig(
@@ -155,8 +155,8 @@ def _batch(device: str) -> dict[str, torch.Tensor]:
 
 
 def check_train(folder: Path, device: str, **train) -> str:
-    from fusion.device import strict_device
-    from fusion.train_loop import Engine
+    from fusion.models.device import strict_device
+    from fusion.train.loop import Engine
 
     run = _training_config(folder, device, **train)
     engine_device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")

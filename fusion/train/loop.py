@@ -2,7 +2,7 @@
 
 DeepSpeed (ZeRO 0–3) or DDP step the same objective. The data order is deterministic: each
 worker reads only its own share of the materialised data set, in an order drawn from seed and
-epoch (fusion.share). A checkpoint stores the engine state and the position in that order, so
+epoch (fusion.data.share). A checkpoint stores the engine state and the position in that order, so
 a resumed run starts reading there and sees exactly the batches an uninterrupted one would.
 """
 
@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from fusion.config import FusionConfig, TrainConfig
-from fusion.device import strict_device
 from fusion.errors import FusionError
-from fusion.loss import fusion_objective
-from fusion.optim import adamw, scheduler
+from fusion.models.device import strict_device
 from fusion.progress import Meter
+from fusion.train.loss import fusion_objective
+from fusion.train.optim import adamw, scheduler
 
 PROGRESS = "progress.json"
 STATE = "state"
@@ -247,8 +247,8 @@ class HeldOut:
     """The held-out corpora of ``train.eval_data``, scored with the model being trained."""
 
     def __init__(self, run: FusionConfig):
-        from fusion.evaluate import read_texts
-        from fusion.models import model_tokenizer
+        from fusion.evaluate.bpb import read_texts
+        from fusion.models.loading import model_tokenizer
 
         self.tokenizer = model_tokenizer(run.target)
         self.texts = {domain: read_texts(path) for domain, path in run.train.eval_data.items()}
@@ -260,7 +260,7 @@ class HeldOut:
 
     def metrics(self, engine: Engine, rank: int) -> dict:
         """``eval_bpb`` per domain and ``eval_avg_bpb`` (rank 0; ZeRO-3 ranks all take part)."""
-        from fusion.evaluate import score, summarise
+        from fusion.evaluate.bpb import score, summarise
 
         if rank != 0 and not self.gathers:
             return {}
@@ -309,7 +309,8 @@ def _log_line(progress: Progress, total: int, metrics: dict, meter: Meter) -> st
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """The Ray Train entry point (``loop_config``: run config, row count, storage, quiet,
-    and ``strict_device``: hold the loop to the GPU rule on any machine, see fusion.device)."""
+    and ``strict_device``: hold the loop to the GPU rule on any machine, see
+    fusion.models.device)."""
     import ray.train.torch
 
     if not loop_config.get("strict_device"):
@@ -322,8 +323,8 @@ def _train(loop_config: dict) -> None:
     import ray.data
     import ray.train
 
-    from fusion.batches import collate, teacher_columns  # pyarrow: not needed by the engine
-    from fusion.share import DataFile, WorkerShare
+    from fusion.data.share import DataFile, WorkerShare
+    from fusion.train.batches import collate, teacher_columns  # pyarrow: not needed by the engine
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the step lines report
     run = FusionConfig.model_validate(loop_config["run"])
@@ -480,7 +481,7 @@ def _export(
     rank: int,
     rows_read: int,
 ) -> None:
-    from fusion.export import export_model
+    from fusion.train.export import export_model
 
     with engine.full_weights() as module:
         if rank == 0:

@@ -23,10 +23,9 @@ from fusion.align.cache import cached_map
 from fusion.align.projection import ByteProjection, build_projection
 from fusion.cluster import SMALL_CPU, check_cluster, cluster_maximum, stage_actors, unused_gpus
 from fusion.config import FusionConfig
-from fusion.corpus import CorpusError, Shard, plan_shards
-from fusion.diagnostics import add_counts, diagnostics
+from fusion.data.corpus import CorpusError, Shard, plan_shards
 from fusion.errors import user_error_from
-from fusion.models import (
+from fusion.models.loading import (
     check_models,
     model_tokenizer,
     special_tokens,
@@ -34,10 +33,11 @@ from fusion.models import (
     vocab_fingerprint,
     vocab_list,
 )
-from fusion.output import OutputDir, Progress
 from fusion.progress import Meter
-from fusion.rows import FUSED, TARGET, schema
-from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
+from fusion.teacher.diagnostics import add_counts, diagnostics
+from fusion.teacher.output import OutputDir, Progress
+from fusion.teacher.rows import FUSED, TARGET, schema
+from fusion.teacher.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
 
 DATA_FORMAT = "fusion-teacher-data/3"  # /3: tail mass per distribution, NLL bytes, bytes method
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fusion.batches import own_column, teacher_columns
 from fusion.cluster import cluster_maximum, fits, unused_gpus
 from fusion.config import ConfigError, FusionConfig, TrainConfig
-from fusion.corpus import open_filesystem
+from fusion.data.corpus import open_filesystem
 from fusion.errors import FusionError, user_error_from
-from fusion.models import model_tokenizer, vocab_fingerprint
-from fusion.output import complete_manifest, join
-from fusion.pipeline import ensure_ray
-from fusion.train_loop import total_steps, train_loop_per_worker
+from fusion.models.loading import model_tokenizer, vocab_fingerprint
+from fusion.teacher.output import complete_manifest, join
+from fusion.teacher.pipeline import ensure_ray
+from fusion.train.batches import own_column, teacher_columns
+from fusion.train.loop import total_steps, train_loop_per_worker
 
 RUN_NAME = "fusion-train"
 STRICT_DEVICE = "FUSION_STRICT_DEVICE"  # "1": workers refuse collectives off their device
@@ -169,7 +169,7 @@ def fit(
     text after one.
 
     ``data`` is a materialised data set's files (``path``, ``rows``), of which every worker
-    reads only its own share in an order fixed by seed and epoch (fusion.share: resuming is
+    reads only its own share in an order fixed by seed and epoch (fusion.data.share: resuming is
     exact and starts reading at its position), or a streamed Ray Dataset, which arrives in
     corpus order and is split between the workers as they ask for rows.
     """

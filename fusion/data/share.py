@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fusion.corpus import open_filesystem
+from fusion.data.corpus import open_filesystem
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-from fusion.fuse import MIXED, NO_TEACHER, topk_token_ce
-from fusion.rows import FUSED, candidate_aligned, next_tokens
+from fusion.teacher.fuse import MIXED, NO_TEACHER, topk_token_ce
+from fusion.teacher.rows import FUSED, candidate_aligned, next_tokens
 
 SMALLEST_TAIL = 2.0**-24  # float16's smallest step: a stored tail of 0 counts as this
 

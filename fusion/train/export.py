@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from fusion.config import FusionConfig, config_to_yaml
-from fusion.models import model_tokenizer
+from fusion.models.loading import model_tokenizer
 
 
 def model_card(run: FusionConfig, progress, dataset: dict) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from fusion.config import ModelConfig
 from fusion.errors import FusionError
-from fusion.models import load_causal_lm, load_tokenizer, vocab_fingerprint
+from fusion.models.loading import load_causal_lm, load_tokenizer, vocab_fingerprint
 
 StateDict = Mapping[str, torch.Tensor]
 
