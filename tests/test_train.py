@@ -180,7 +180,7 @@ def test_a_bos_target_trains_on_rows_that_start_with_bos_and_scores_as_eval_does
     the same texts (eval windows start with BOS too)."""
     import pyarrow.parquet as pq
 
-    from fusion.evaluate.bpb import score
+    from fusion.models.scoring import score
     from fusion.train.loss import fusion_objective
 
     root, _ = prepared_world

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fusion.config import TrainConfig
-from fusion.evaluate.bpb import windows
+from fusion.models.scoring import windows
 from fusion.train.optim import adamw, scheduler
 
 

@@ -247,8 +247,8 @@ class HeldOut:
     """The held-out corpora of ``train.eval_data``, scored with the model being trained."""
 
     def __init__(self, run: FusionConfig):
-        from fusion.evaluate.bpb import read_texts
         from fusion.models.loading import model_tokenizer
+        from fusion.models.scoring import read_texts
 
         self.tokenizer = model_tokenizer(run.target)
         self.texts = {domain: read_texts(path) for domain, path in run.train.eval_data.items()}
@@ -260,7 +260,7 @@ class HeldOut:
 
     def metrics(self, engine: Engine, rank: int) -> dict:
         """``eval_bpb`` per domain and ``eval_avg_bpb`` (rank 0; ZeRO-3 ranks all take part)."""
-        from fusion.evaluate.bpb import score, summarise
+        from fusion.models.scoring import score, summarise
 
         if rank != 0 and not self.gathers:
             return {}
