@@ -258,7 +258,7 @@ def main() -> None:
 
     from fusion.demo.run import FULL
     from fusion.demo.world import TARGET, build_world
-    from fusion.models.scoring import evaluate
+    from fusion.evaluate.bpb import evaluate
 
     args.out = args.out.resolve()
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")

@@ -117,7 +117,7 @@ def eval_command(
 
     from fusion.data.files import write_text_atomically
     from fusion.errors import FusionError
-    from fusion.models.scoring import evaluate
+    from fusion.evaluate.bpb import evaluate
 
     if dtype not in DTYPES:
         raise _fail(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")

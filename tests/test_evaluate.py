@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from fusion.cli import app
-from fusion.models.scoring import evaluate, score
+from fusion.evaluate.bpb import evaluate
+from fusion.models.scoring import score
 
 runner = CliRunner()
 TEXTS = ["def f(x):\n    return x + 1\n", "The quick brown fox jumps over the lazy dog."]

@@ -17,7 +17,8 @@ from tokenizers import Tokenizer, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from fusion.align.projection import along_the_text, build_projection, byte_ends, token_bytes
+from fusion.align.projection import along_the_text, build_projection
+from fusion.align.token_bytes import byte_ends, token_bytes
 from fusion.testing.toy import train_tokenizer
 
 TEXTS = [

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fusion.cluster import runtime_env
 from fusion.config import parse_config
 from fusion.data.files import write_text_atomically
-from fusion.teacher.pipeline import runtime_env
 
 
 def _config(**ray) -> object:

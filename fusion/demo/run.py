@@ -77,7 +77,7 @@ def _baselines(world: World, out: Path, echo: Callable[[str], None]) -> dict[str
 
 
 def _evaluate(members: dict[str, list[str]], world: World, scale: Scale) -> dict[str, dict]:
-    from fusion.models.scoring import evaluate
+    from fusion.evaluate.bpb import evaluate
 
     corpora = {domain: str(path) for domain, path in world.held_out.items()}
     return evaluate(members, corpora, max_length=scale.max_length, batch_size=16)

@@ -1,4 +1,5 @@
-"""Bits-per-byte and perplexity of local causal LMs (or ensembles) on held-out corpora.
+"""Bits per byte and perplexity of causal LMs (or ensembles) on texts: what `fusion eval`
+reports and what training measures on its held-out corpora.
 
 Bits per byte divides a text's total negative log-likelihood by its UTF-8 size, so models with
 different tokenizers are compared on the same footing; perplexity is per token of the model's
@@ -11,18 +12,15 @@ unweighted mean, so a large domain does not drown a small one.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fusion.config import DataConfig, ModelConfig
+from fusion.config import DataConfig
 from fusion.data.corpus import plan_shards, read_documents
 from fusion.errors import FusionError
 from fusion.models.head import ChunkedHead
-from fusion.models.loading import load_causal_lm, model_tokenizer, vocab_fingerprint
-from fusion.progress import Meter
 
 
 class EvalError(FusionError):
@@ -110,88 +108,6 @@ def score(
             on_batch(int(real.sum()))
     size = sum(len(text.encode("utf-8")) for text in texts)
     return Score(nll=nll, tokens=tokens, bytes=size)
-
-
-def _load(name: str, path: str, device: str, dtype: str):
-    config = ModelConfig(path=path, dtype=dtype)
-    model = load_causal_lm(config, name, device, label=f"--model {name}")
-    return model, model_tokenizer(config, name)
-
-
-def evaluate(
-    members: Mapping[str, Sequence[str]],
-    corpora: Mapping[str, str],
-    *,
-    max_length: int = 1024,
-    batch_size: int = 8,
-    device: str = "cpu",
-    dtype: str = "auto",
-    echo: Callable[[str], None] | None = None,
-) -> dict[str, dict]:
-    """Per named model (one folder) or ensemble (several sharing a vocabulary): bpb and ppl;
-    ``echo`` hears a progress line (tokens, rate, time left) every few seconds per model.
-
-    Returns ``{name: {"bpb": {domain: float}, "perplexity": {domain: float},
-    "avg_bpb": float}}``.
-    """
-    from transformers.utils import logging
-
-    if not corpora:
-        raise EvalError("no corpus to evaluate on: give at least one DOMAIN=PATH")
-    logging.disable_progress_bar()  # one bar per weight file drowns the results
-    texts = {domain: read_texts(path) for domain, path in corpora.items()}
-    results = {}
-    for name, folders in members.items():
-        if not folders:
-            raise EvalError(f"{name}: names no model folder")
-        loaded = [_load(name, folder, device, dtype) for folder in folders]
-        tokenizer = loaded[0][1]
-        vocabularies = {vocab_fingerprint(tok) for _, tok in loaded}
-        if len(vocabularies) > 1:
-            raise EvalError(
-                f"{name}: an ensemble averages probabilities token by token, so its members "
-                f"must share one vocabulary; {list(folders)} do not"
-            )
-        models = [model for model, _ in loaded]
-        report = _Reporter(name, tokenizer, texts, max_length, echo)
-        scores = {
-            domain: score(
-                models,
-                tokenizer,
-                domain_texts,
-                max_length=max_length,
-                batch_size=batch_size,
-                on_batch=report,
-            )
-            for domain, domain_texts in texts.items()
-        }
-        report.finish()
-        results[name] = summarise(scores)
-    return results
-
-
-class _Reporter:
-    """Progress of one model's scoring: a line every few seconds and one at the end."""
-
-    EVERY = 5.0  # seconds between lines
-
-    def __init__(self, name, tokenizer, texts, max_length, echo):
-        self.name, self.echo = name, echo
-        every = [w for t in texts.values() for w in windows(tokenizer, t, max_length)]
-        self.total = sum(len(window) - 1 for window in every) if echo else 0
-        self.done, self.meter, self.last = 0, Meter(), time.perf_counter()
-
-    def __call__(self, tokens: int) -> None:
-        self.done += tokens
-        if self.echo and time.perf_counter() - self.last >= self.EVERY:
-            self.finish()
-
-    def finish(self) -> None:
-        if not self.echo:
-            return
-        self.last = time.perf_counter()
-        rate = self.meter.line(self.done / max(self.total, 1), self.done - self.meter.count)
-        self.echo(f"{self.name}: {self.done:,}/{self.total:,} tokens · {rate}")
 
 
 def summarise(scores: Mapping[str, Score]) -> dict:

@@ -20,12 +20,13 @@ from pydantic import ValidationError
 from fusion.config import FuseConfig, FusionConfig
 from fusion.data.chunking import encode
 from fusion.data.corpus import Shard
+from fusion.data.reader import object_array
 from fusion.errors import FusionError
 from fusion.models.loading import model_tokenizer, vocab_list
+from fusion.teacher.contract import PrepareSummary, candidates, fingerprint, finish, summary_of
 from fusion.teacher.output import OutputDir, complete_manifest
-from fusion.teacher.pipeline import PrepareSummary, candidates, fingerprint, finish, summary_of
 from fusion.teacher.rows import FUSED, schema, table_to_batch
-from fusion.teacher.stages import fuse_batch, object_array, write_batch
+from fusion.teacher.stages import fuse_batch, write_batch
 
 
 class RefuseError(FusionError):

@@ -1,14 +1,15 @@
-"""The Ray Data stages of `fusion prepare`, each a callable on a batch (dict of numpy arrays).
+"""The Ray Data stages of `fusion prepare` after reading, each a callable on a batch (dict
+of numpy arrays).
 
-Rows carry ``id`` (``doc_id:chunk``), ``domain``, ``text``, ``input_ids``, the target's
-``offsets``, ``shard`` and ``shard_total`` (the shard's chunk count, for resume). Model
+Rows arrive from the reader (fusion.data.reader) with ``id`` (``doc_id:chunk``), ``domain``,
+``text``, ``input_ids``, the target's ``offsets``, ``shard`` and ``shard_total``. Model
 stages add ``<name>.raw_*`` columns in the model's own vocabulary; the align stage turns them
 into ``<name>.topk_ids/topk_logits`` in target ids; the fuse stage adds ``fused.*``.
-Callable classes hold what is expensive to build (tokenizers, models, vocabulary bridges).
+Callable classes hold what is expensive to build (models, vocabulary bridges).
 
 Every Ray worker that runs a stage imports this module: torch and transformers are imported
-only by the stages that use them (reading and models), so the align, fuse and write workers
-start in a fraction of the time.
+only by the model stage, so the align, fuse and write workers start in a fraction of the
+time.
 """
 
 from __future__ import annotations
@@ -22,23 +23,15 @@ from fusion.align import VocabBridge, dtw_align, offset_align
 from fusion.align.alignment import Alignment
 from fusion.align.projection import ByteProjection
 from fusion.align.transfer import PAD_ID
-from fusion.config import AlignConfig, DataConfig, FuseConfig, ModelConfig
-from fusion.data.chunking import Chunk, chunk_document
-from fusion.data.corpus import CorpusError, Shard, read_documents
+from fusion.config import AlignConfig, FuseConfig, ModelConfig
+from fusion.data.reader import object_array
 from fusion.teacher.diagnostics import teacher_counts
 from fusion.teacher.fuse import fuse_topk, tail_mass, topk_token_ce
 from fusion.teacher.output import OutputDir
 from fusion.teacher.rows import FUSED, TARGET, candidate_aligned, next_tokens, to_table
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-
-def object_array(values: list) -> np.ndarray:
-    """A 1-D object array of per-row values (keeps ragged arrays as they are)."""
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
+    pass
 
 
 def set_threads(num_cpus: float, threads: int | None = None) -> None:
@@ -47,72 +40,6 @@ def set_threads(num_cpus: float, threads: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads or max(1, int(num_cpus)))
-
-
-class ChunkStage:
-    """Reads shards and cuts their documents into chunks; skips chunks already written.
-
-    ``tokenizer`` is the target's tokenizer as the driver loaded it: unpickled, it needs only
-    its own class, where loading it again would import transformers' auto classes and with
-    them torch (2.5 s of CPU per reader). Without it (remote code, whose classes a worker
-    may not find) the reader loads the tokenizer itself.
-    """
-
-    def __init__(
-        self,
-        target: ModelConfig,
-        data: DataConfig,
-        done_ids: dict[int, set[str]],
-        bos: int | None = None,
-        skip: dict[int, int] | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-    ):
-        if tokenizer is None:
-            from fusion.models.loading import model_tokenizer
-
-            tokenizer = model_tokenizer(target)
-        self.tokenizer = tokenizer
-        self.data = data
-        self.done_ids = done_ids
-        self.skip = skip or {}  # shard: its first chunks a resumed stream already trained on
-        self.length = data.max_length - (bos is not None)  # training rows start with the BOS
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows: list[Chunk] = []
-        shards, totals = [], []
-        for row in range(len(batch["index"])):
-            shard = Shard.from_descriptor({k: v[row] for k, v in batch.items()})
-            chunks = self._chunks(shard)
-            done = self.done_ids.get(shard.index, set())
-            first = self.skip.get(shard.index, 0)
-            todo = [chunk for chunk in chunks[first:] if chunk.chunk_id not in done]
-            rows += todo
-            shards += [shard.index] * len(todo)
-            totals += [len(chunks)] * len(todo)
-        return {
-            "id": np.asarray([c.chunk_id for c in rows], dtype=object),
-            "domain": object_array([c.domain for c in rows]),
-            "text": np.asarray([c.text for c in rows], dtype=object),
-            "input_ids": object_array([c.input_ids for c in rows]),
-            "offsets": object_array([c.offsets for c in rows]),
-            "shard": np.asarray(shards, dtype=np.int64),
-            "shard_total": np.asarray(totals, dtype=np.int64),
-        }
-
-    def _chunks(self, shard: Shard) -> list[Chunk]:
-        """Every chunk of the shard; a document id seen twice is an error naming it."""
-        chunks, seen = [], set()
-        for document in read_documents(shard, self.data):
-            if document.doc_id in seen:
-                field = f"data.id_field {self.data.id_field!r}" if self.data.id_field else "id"
-                raise CorpusError(
-                    f"{shard.name}: two documents have the {field} {document.doc_id!r}; ids "
-                    "must be unique (they are how a re-run knows what is done): fix the "
-                    "corpus, or unset data.id_field to number documents by file and line"
-                )
-            seen.add(document.doc_id)
-            chunks.extend(chunk_document(document, self.tokenizer, self.length))
-        return chunks
 
 
 def predicted_bytes(text: str, offsets: np.ndarray, bos_read: bool) -> int:

@@ -156,7 +156,7 @@ def _batch(device: str) -> dict[str, torch.Tensor]:
 
 def check_train(folder: Path, device: str, **train) -> str:
     from fusion.models.device import strict_device
-    from fusion.train.loop import Engine
+    from fusion.train.engine import Engine
 
     run = _training_config(folder, device, **train)
     engine_device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")

@@ -8,239 +8,18 @@ a resumed run starts reading there and sees exactly the batches an uninterrupted
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fusion.config import FusionConfig, TrainConfig
-from fusion.errors import FusionError
+from fusion.config import FusionConfig
 from fusion.models.device import strict_device
 from fusion.progress import Meter
-from fusion.train.loss import fusion_objective
-from fusion.train.optim import adamw, scheduler
-
-PROGRESS = "progress.json"
-STATE = "state"
-
-
-@dataclass
-class Progress:
-    """Where training stands: saved with every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    micro_in_epoch: int = 0
-    tokens_seen: int = 0
-    losses: list[list[float]] = field(default_factory=list)  # [step, loss] per logged step
-    stream_shard: int = -1  # streamed runs: the shard of the last row trained on ...
-    stream_rows: int = 0  # ... and how many of that shard's rows were trained on
-
-    def passed(self, shards: list[int]) -> None:
-        """Move the stream position over rows (their shards, in stream order)."""
-        for shard in shards:
-            if shard == self.stream_shard:
-                self.stream_rows += 1
-            else:
-                self.stream_shard, self.stream_rows = shard, 1
-
-    @classmethod
-    def load(cls, folder: Path) -> Progress:
-        return cls(**json.loads((folder / PROGRESS).read_text()))
-
-
-def total_steps(train: TrainConfig, rows: int | None) -> int:
-    """Optimizer steps of the run: whole global batches per epoch, or max_steps.
-
-    A streamed run (``rows=None``) does not know its size in advance: max_steps sets it.
-    """
-    if rows is None:
-        return train.max_steps
-    per_epoch = (rows // (train.micro_batch_size * train.num_workers)) // train.accumulation
-    if per_epoch == 0:
-        raise FusionError(
-            f"the data set has {rows} rows, fewer than one global batch of "
-            f"{train.global_batch_size}: lower train.global_batch_size"
-        )
-    steps = per_epoch * train.epochs
-    return min(steps, train.max_steps) if train.max_steps else steps
-
-
-def deepspeed_config(train: TrainConfig) -> dict:
-    """The DeepSpeed configuration of a training run."""
-    return {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.accumulation,
-        "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.bf16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-    }
-
-
-class Engine:
-    """One interface over DeepSpeed and DDP: forward, backward, step, save, load, export.
-
-    It runs in a Ray Train worker (``device`` from Ray) or anywhere a process group exists
-    (``device`` given: the GPU check builds it without Ray).
-    """
-
-    def __init__(self, run: FusionConfig, total: int, device: torch.device | None = None):
-        from transformers import AutoModelForCausalLM
-
-        self.train = run.train
-        if device is None:
-            import ray.train.torch
-
-            device = ray.train.torch.get_device()
-        self.device = torch.device(device)
-        self.bf16 = self.train.bf16
-        zero3 = self.train.strategy == "deepspeed" and self.train.zero_stage == 3
-        config = deepspeed_config(self.train)
-        if zero3:  # built partitioned across the ranks: no rank ever holds the whole model
-            from transformers.integrations import HfDeepSpeedConfig
-
-            building = HfDeepSpeedConfig(config)  # read by from_pretrained while it lives
-        model = AutoModelForCausalLM.from_pretrained(
-            run.target.path, dtype=torch.float32, local_files_only=True
-        )
-        if zero3:
-            del building
-        else:
-            model = model.to(self.device)
-        if self.train.gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None)  # newer name
-            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
-            model.config.use_cache = False
-        optimizer = adamw(model, self.train)
-        schedule = scheduler(optimizer, total, self.train)
-        if self.train.strategy == "deepspeed":
-            import deepspeed
-
-            self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model,
-                optimizer=optimizer,
-                lr_scheduler=schedule,
-                dist_init_required=False,
-                config=config,
-            )
-        else:
-            self.model = _ddp(model, self.device)
-            self.optimizer, self.scheduler = optimizer, schedule
-        self.micro = 0
-
-    def sum_over_workers(self, value: int) -> int:
-        """``value`` summed over every worker, through a tensor on the engine's device (NCCL
-        refuses CPU tensors)."""
-        return self._reduce(value, "SUM")
-
-    def min_over_workers(self, value: int) -> int:
-        """The smallest of every worker's ``value`` (on the engine's device, as above)."""
-        return self._reduce(value, "MIN")
-
-    def _reduce(self, value: int, op: str) -> int:
-        import torch.distributed as dist
-
-        total = torch.tensor([value], dtype=torch.long, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(total, op=getattr(dist.ReduceOp, op))
-        return int(total.item())
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.model.module if hasattr(self.model, "module") else self.model
-
-    def micro_step(
-        self,
-        batch: dict[str, torch.Tensor],
-        lam: float,
-        teacher_precision: str,
-        kd_tail: str = "renormalise",
-    ):
-        """Forward and backward one micro-batch; step the optimizer at accumulation boundaries.
-        ``kd_tail`` 'bucket' teaches the teacher's mass outside its top-k (``batch["tail"]``).
-
-        Returns the detached loss parts and whether the optimizer stepped.
-        """
-        self.micro += 1
-        boundary = self.micro % self.train.accumulation == 0
-        deepspeed = self.train.strategy == "deepspeed"
-        sync = contextlib.nullcontext()
-        if not deepspeed and not boundary and hasattr(self.model, "no_sync"):
-            sync = self.model.no_sync()
-        autocast = torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and not deepspeed
-        )
-        with sync, autocast:
-            logits = self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-            parts = fusion_objective(
-                logits,
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["topk_ids"],
-                batch["topk_logits"],
-                batch["teacher_mask"],
-                lam=lam,
-                teacher_precision=teacher_precision,
-                tail=batch["tail"] if kd_tail == "bucket" else None,
-            )
-            if deepspeed:
-                self.model.backward(parts.total)  # scales by 1 / accumulation itself
-            else:
-                (parts.total / self.train.accumulation).backward()
-        if deepspeed:
-            self.model.step()  # a no-op between accumulation boundaries
-        elif boundary:
-            if self.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return parts, boundary
-
-    def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
-
-    def save(self, folder: Path, rank: int) -> None:
-        if self.train.strategy == "deepspeed":
-            self.model.save_checkpoint(str(folder), tag=STATE)
-        elif rank == 0:
-            torch.save(
-                {
-                    "model": self.module.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                },
-                folder / f"{STATE}.pt",
-            )
-
-    def load(self, folder: Path) -> None:
-        if self.train.strategy == "deepspeed":
-            self.model.load_checkpoint(str(folder), tag=STATE)
-            return
-        state = torch.load(folder / f"{STATE}.pt", map_location=self.device, weights_only=True)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-    @contextlib.contextmanager
-    def full_weights(self):
-        """The complete weights on every rank for the duration (gathers ZeRO-3 partitions)."""
-        if self.train.strategy == "deepspeed" and self.train.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
-                yield self.module
-        else:
-            yield self.module
+from fusion.train.engine import Engine
+from fusion.train.resume import Progress, report_checkpoint, resumable, total_steps
 
 
 class HeldOut:
@@ -431,7 +210,7 @@ def _train(loop_config: dict) -> None:
             if progress.step % train.checkpoint_every == 0 or finished:
                 if progress.micro_in_epoch >= usable_micro:
                     progress.epoch, progress.micro_in_epoch = epoch + 1, 0
-                _report_with_checkpoint(engine, _resumable(progress, engine, world), metrics, rank)
+                report_checkpoint(engine, resumable(progress, engine, world), metrics, rank)
             # Other steps are not reported to Ray Train: a report is a round trip through the
             # controller (~1.5 s on a busy 2-core machine); metrics.jsonl has every logged step.
             window = _Window()
@@ -441,36 +220,6 @@ def _train(loop_config: dict) -> None:
     rows_read = engine.sum_over_workers(rows_read)  # by every worker, in this run
     if rank == 0 or (train.strategy == "deepspeed" and train.zero_stage == 3):
         _export(engine, run, progress, loop_config, rank, rows_read)
-
-
-def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The model wrapped for data parallelism when a process group of several ranks exists."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model
-    ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def _resumable(progress: Progress, engine: Engine, world: int) -> Progress:
-    """The progress a checkpoint keeps. Several workers split a stream as they ask for rows,
-    so only the shards before the earliest one any worker is in are surely consumed: the
-    stream restarts at that shard's start (one worker: exactly after its last row)."""
-    if world == 1 or progress.stream_shard < 0:
-        return progress
-    earliest = engine.min_over_workers(progress.stream_shard)
-    return dataclasses.replace(progress, stream_shard=earliest, stream_rows=0)
-
-
-def _report_with_checkpoint(engine: Engine, progress: Progress, metrics: dict, rank: int) -> None:
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as folder:
-        engine.save(Path(folder), rank)
-        if rank == 0:
-            (Path(folder) / PROGRESS).write_text(json.dumps(progress.__dict__))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def _export(

@@ -20,14 +20,15 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from fusion.cluster import SMALL_CPU, check_cluster, cluster_maximum, unused_gpus
+from fusion.cluster import SMALL_CPU, check_cluster, cluster_maximum, ensure_ray, unused_gpus
 from fusion.config import ConfigError, FusionConfig
 from fusion.data.corpus import plan_shards
 from fusion.models.loading import check_models, training_bos
-from fusion.teacher.pipeline import candidates, ensure_ray, teacher_dataset
+from fusion.teacher.contract import candidates
+from fusion.teacher.pipeline import teacher_dataset
 from fusion.teacher.rows import FUSED, schema, to_table
 from fusion.train.batches import teacher_columns
-from fusion.train.loop import Progress
+from fusion.train.resume import Progress
 from fusion.train.trainer import RUN_NAME, TrainSummary, fit, storage_dir, train_settings
 
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fusion.cluster import cluster_maximum, fits, unused_gpus
+from fusion.cluster import cluster_maximum, ensure_ray, fits, unused_gpus
 from fusion.config import ConfigError, FusionConfig, TrainConfig
 from fusion.data.corpus import open_filesystem
 from fusion.errors import FusionError, user_error_from
 from fusion.models.loading import model_tokenizer, vocab_fingerprint
 from fusion.teacher.output import complete_manifest, join
-from fusion.teacher.pipeline import ensure_ray
 from fusion.train.batches import own_column, teacher_columns
-from fusion.train.loop import total_steps, train_loop_per_worker
+from fusion.train.loop import train_loop_per_worker
+from fusion.train.resume import total_steps
 
 RUN_NAME = "fusion-train"
 STRICT_DEVICE = "FUSION_STRICT_DEVICE"  # "1": workers refuse collectives off their device
