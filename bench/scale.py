@@ -29,12 +29,14 @@ import numpy as np
 
 from bench.common import report, stdlib_text
 from fusion.config import parse_config
-from fusion.corpus import plan_shards
-from fusion.models import load_tokenizer
-from fusion.pipeline import build_bridges, candidates, prepare
-from fusion.rows import FUSED, schema
-from fusion.stages import AlignStage, ChunkStage, ForwardStage, fuse_batch, write_batch
-from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
+from fusion.data.corpus import plan_shards
+from fusion.data.reader import ChunkStage
+from fusion.models.loading import load_tokenizer, model_tokenizer
+from fusion.teacher.contract import candidates
+from fusion.teacher.pipeline import build_bridges, prepare
+from fusion.teacher.rows import FUSED, schema
+from fusion.teacher.stages import AlignStage, ForwardStage, fuse_batch, write_batch
+from fusion.testing.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 
 # Four vocabularies of one kind: each source reads about as many tokens of its own per target
 # token, so at one speed each alone sets about the same pace (a Metaspace source reads code's
@@ -120,7 +122,7 @@ def stage_costs(root: Path, out: Path) -> dict[str, float]:
         costs[name] = costs.get(name, 0.0) + time.process_time() - started
         return result
 
-    reader = ChunkStage(config.target, config.data, {})
+    reader = ChunkStage(config.data, {}, tokenizer=model_tokenizer(config.target))
     batch_of = {k: np.asarray([s[k] for s in shards]) for k in shards[0]}
     batch = timed("chunk (read, tokenize, cut)", reader, batch_of)
     tokens = sum(len(ids) for ids in batch["input_ids"])

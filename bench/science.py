@@ -142,7 +142,7 @@ def _prepare(
     """`fusion prepare` of one teacher view; with ``fused`` the target is a candidate too (for
     the fused arms), else the source alone teaches. Its manifest."""
     from fusion.config import parse_config
-    from fusion.pipeline import prepare
+    from fusion.teacher.pipeline import prepare
 
     raw = {
         "target": {"path": str(target), "num_cpus": 0.3, "as_teacher": fused},
@@ -166,14 +166,14 @@ def _train(target: Path, name: str, data: Path, arm: Arm, seed: int, epochs: int
     """`fusion train` of one arm; the export folder (reused when it finished earlier). The
     per-sequence fused teacher is re-fused from the data set (`fusion refuse`, no model)."""
     from fusion.config import parse_config
-    from fusion.train import train
+    from fusion.train.trainer import train
 
     storage = out / f"{arm.name}-e{epochs}-s{seed}"
     export = storage / "export"
     if (export / "training_summary.json").is_file():
         return export
     if arm.teacher == "fused_sequence":
-        from fusion.refuse import refuse
+        from fusion.teacher.refuse import refuse
 
         refused = data.with_name(data.name + "-sequence")
         refuse(data, refused, {"granularity": "sequence"})
@@ -258,7 +258,7 @@ def main() -> None:
 
     from fusion.demo.run import FULL
     from fusion.demo.world import TARGET, build_world
-    from fusion.evaluate import evaluate
+    from fusion.evaluate.bpb import evaluate
 
     args.out = args.out.resolve()
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")

@@ -56,7 +56,7 @@ def _dense_loss(logits, batch):
 
 
 def run_variant(variant: str) -> dict:
-    from fusion.loss import fusion_objective
+    from fusion.train.loss import fusion_objective
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(1)

@@ -115,9 +115,9 @@ def eval_command(
     """Bits per byte and perplexity of local models on held-out corpora, per domain and average."""
     import json
 
+    from fusion.data.files import write_text_atomically
     from fusion.errors import FusionError
-    from fusion.evaluate import evaluate
-    from fusion.files import write_text_atomically
+    from fusion.evaluate.bpb import evaluate
 
     if dtype not in DTYPES:
         raise _fail(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -169,7 +169,7 @@ def align(
 ) -> None:
     """Align two tokenizations of a text and show which source tokens stand for each target."""
     from fusion.align import detect_marker, dtw_align, offset_align
-    from fusion.models import load_tokenizer
+    from fusion.models.loading import load_tokenizer
 
     if method not in ("dtw", "offsets"):
         raise typer.BadParameter("must be 'dtw' or 'offsets'", param_hint="--method")
@@ -209,7 +209,7 @@ def validate(
     """Check a run configuration and its model folders; explain every problem by field."""
     from fusion.config import load_config
     from fusion.errors import FusionError
-    from fusion.models import check_models
+    from fusion.models.loading import check_models
 
     try:
         config = load_config(config_file)
@@ -241,7 +241,7 @@ def prepare(
     """
     from fusion.config import load_config
     from fusion.errors import FusionError
-    from fusion.pipeline import prepare as run_prepare
+    from fusion.teacher.pipeline import prepare as run_prepare
 
     try:
         config = load_config(config_file)
@@ -267,7 +267,7 @@ def inspect(
 ) -> None:
     """What the teacher data will teach: coverage, choices, fallbacks, the teacher's own CE."""
     from fusion.errors import FusionError
-    from fusion.inspect import inspect_lines
+    from fusion.teacher.inspect import inspect_lines
 
     try:
         lines = inspect_lines(data_dir, row, positions)
@@ -297,8 +297,8 @@ def refuse(
     Options left out keep the data set's own fuse settings.
     """
     from fusion.errors import FusionError
-    from fusion.inspect import inspect_lines
-    from fusion.refuse import refuse as run_refuse
+    from fusion.teacher.inspect import inspect_lines
+    from fusion.teacher.refuse import refuse as run_refuse
 
     options = {"method": method, "granularity": granularity, "ce_unit": ce_unit}
     options["no_teacher"] = no_teacher
@@ -330,7 +330,7 @@ def estimate(
     of a run before it starts."""
     from fusion.config import load_config
     from fusion.errors import FusionError
-    from fusion.estimate import estimate as run_estimate
+    from fusion.teacher.estimate import estimate as run_estimate
 
     try:
         result = run_estimate(load_config(config_file), gpu_bytes=int(gpu_gib * 2**30))
@@ -379,7 +379,7 @@ def train_command(
     """Train the target on prepared teacher data (Ray Train, DeepSpeed or DDP); resumable."""
     from fusion.config import load_config
     from fusion.errors import FusionError
-    from fusion.train import train
+    from fusion.train.trainer import train
 
     try:
         summary = train(load_config(config_file), quiet=quiet)
@@ -402,7 +402,7 @@ def run_command(
     """Stream the prepare pipeline straight into training: no intermediate files."""
     from fusion.config import load_config
     from fusion.errors import FusionError
-    from fusion.run import run
+    from fusion.train.run import run
 
     try:
         summary = run(load_config(config_file), quiet=quiet)

@@ -1,4 +1,5 @@
-"""What a run asks of the Ray cluster, and whether the cluster can ever give it.
+"""The Ray session a run joins or starts, what the run asks of the cluster, and whether the
+cluster can ever give it.
 
 The prepare pipeline's actors (models and the CPU pools beside them) and the training
 workers are counted up front: a demand a fixed cluster lacks, or one beyond what an
@@ -133,3 +134,28 @@ def unused_gpus(config: FusionConfig, available: dict[str, float]) -> str | None
         "runs on CPUs; set num_gpus on the target and sources (and train.use_gpu: true) to "
         "use them"
     )
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1"}  # models are local folders: no worker ever calls the hub
+
+
+def runtime_env(config: FusionConfig) -> dict:
+    """The job's runtime environment: the configured one, with the hub switched off unless
+    its env_vars say otherwise."""
+    env = dict(config.ray.runtime_env or {})
+    env["env_vars"] = OFFLINE | dict(env.get("env_vars") or {})
+    return env
+
+
+def ensure_ray(config: FusionConfig):
+    """Join the configured cluster (or RAY_ADDRESS inside a job), or start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=config.ray.address,
+            runtime_env=runtime_env(config),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    return ray

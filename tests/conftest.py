@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from fusion.toy import train_tokenizer
+from fusion.testing.toy import train_tokenizer
 
 # Property tests draw the same examples on every run (CI): a failure here is a failure
 # everywhere. HYPOTHESIS_PROFILE=thorough draws new random examples on every run, ten times
@@ -21,7 +21,7 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 # Every training worker a test starts holds itself to the GPU rule (collectives only on the
-# engine's device, see fusion.device), so a CPU run fails where NCCL would.
+# engine's device, see fusion.models.device), so a CPU run fails where NCCL would.
 os.environ["FUSION_STRICT_DEVICE"] = "1"
 
 # Ray Train's controller looks at its workers every 2 s by default, so every run ends up to
@@ -65,7 +65,7 @@ def metaspace_tokenizer(training_texts):
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory, byte_level_tokenizer, metaspace_tokenizer) -> dict:
     """Two tiny local HF model folders: a Llama target (▁) and a GPT-2 source (Ġ)."""
-    from fusion.toy import save_model_dir, tiny_causal_lm
+    from fusion.testing.toy import save_model_dir, tiny_causal_lm
 
     root = tmp_path_factory.mktemp("models")
     return {
@@ -94,8 +94,8 @@ def prepared_world(tmp_path_factory, training_texts, ray_cluster):
     """A Llama target, a GPT-2 source and their prepared teacher data (clean settings: offsets,
     MinED, MinCE per token), shared by the training and teacher-data tests."""
     from fusion.config import parse_config
-    from fusion.pipeline import prepare
-    from fusion.toy import save_model_dir, tiny_causal_lm
+    from fusion.teacher.pipeline import prepare
+    from fusion.testing.toy import save_model_dir, tiny_causal_lm
 
     root = tmp_path_factory.mktemp("train-world")
     target_tok = train_tokenizer(training_texts[:40], "metaspace", 600)

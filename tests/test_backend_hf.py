@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.backends.hf import HFTopK, ModelOutputError
 from fusion.config import ModelConfig
-from fusion.toy import save_model_dir, tiny_causal_lm
+from fusion.teacher.backends.hf import HFTopK, ModelOutputError
+from fusion.testing.toy import save_model_dir, tiny_causal_lm
 
 
 @pytest.fixture()
@@ -105,8 +105,9 @@ def test_a_model_trained_with_bos_is_read_after_it_and_stores_the_lower_ce(
     from transformers import AutoModelForCausalLM
 
     from fusion.config import SourceConfig, TargetConfig
-    from fusion.rows import TARGET
-    from fusion.stages import ForwardStage, object_array
+    from fusion.data.reader import object_array
+    from fusion.teacher.rows import TARGET
+    from fusion.teacher.stages import ForwardStage
 
     folder, bos = bos_trained_dir
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -159,9 +160,10 @@ def test_a_row_reads_the_same_alone_or_padded_into_any_batch(model_dirs):
 
 
 def test_chunks_of_a_bos_target_leave_room_for_its_bos(bos_trained_dir, training_texts):
-    from fusion.config import DataConfig, TargetConfig
-    from fusion.corpus import plan_shards
-    from fusion.stages import ChunkStage
+    from fusion.config import DataConfig
+    from fusion.data.corpus import plan_shards
+    from fusion.data.reader import ChunkStage
+    from fusion.models.loading import load_tokenizer
 
     folder, bos = bos_trained_dir
     corpus = folder.parent / "corpus.txt"
@@ -171,6 +173,6 @@ def test_chunks_of_a_bos_target_leave_room_for_its_bos(bos_trained_dir, training
     descriptor = {key: [value] for key, value in shard.descriptor().items()}
     lengths = {}
     for read_bos in (None, bos):
-        stage = ChunkStage(TargetConfig(path=str(folder)), data, {}, bos=read_bos)
+        stage = ChunkStage(data, {}, bos=read_bos, tokenizer=load_tokenizer(folder))
         lengths[read_bos] = [len(ids) for ids in stage(descriptor)["input_ids"]]
     assert max(lengths[None]) == 16 and max(lengths[bos]) == 15  # BOS + 15 tokens = 16

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPARE = """
 import json, sys
 import numpy as np, torch
-from fusion.backends.hf import HFTopK
-from fusion.backends.vllm import VLLMTopK
+from fusion.teacher.backends.hf import HFTopK
+from fusion.teacher.backends.vllm import VLLMTopK
 from fusion.config import SourceConfig
 from tests.imports import packages_loaded_by
 texts = ["def f(x):\\n    return x + 1\\n", "The quick brown fox jumps over the lazy dog.", "a"]
@@ -59,13 +59,18 @@ def test_a_source_actor_process_loads_no_numba_before_its_engine_starts():
     # vLLM's CPU platform scans every loaded module when its engine starts and fails on
     # llvmlite's library wrapper ("'_lib_fn_wrapper' object has no attribute 'get'"): the
     # modules a source actor imports must leave numba (and with it llvmlite) unloaded.
-    actor = ["fusion.stages", "fusion.backends.hf", "fusion.backends.vllm", "fusion.align"]
+    actor = [
+        "fusion.teacher.stages",
+        "fusion.teacher.backends.hf",
+        "fusion.teacher.backends.vllm",
+        "fusion.align",
+    ]
     assert packages_loaded_by(actor, ["numba", "llvmlite"]) == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
 def test_vllm_backend_without_vllm_says_how_to_install_it(model_dirs):
-    from fusion.backends.vllm import BackendUnavailableError, VLLMTopK
+    from fusion.teacher.backends.vllm import BackendUnavailableError, VLLMTopK
 
     source = SourceConfig(name="s", path=str(model_dirs["target"]), backend="vllm")
     with pytest.raises(
@@ -81,7 +86,7 @@ def test_vllm_backend_agrees_with_the_transformers_backend_padded_vocabulary_inc
     python = os.environ.get("FUSION_VLLM_PYTHON")
     if not python or not Path(python).is_file():
         pytest.skip("no Python with vLLM: set FUSION_VLLM_PYTHON (scripts/test.sh builds one)")
-    from fusion.toy import save_model_dir, tiny_causal_lm
+    from fusion.testing.toy import save_model_dir, tiny_causal_lm
 
     # vLLM's CPU attention needs a head size of at least 32: width 128 with 4 heads. The
     # embedding matrix has 37 rows beyond the tokenizer, scaled to win most top-k positions.

@@ -132,7 +132,7 @@ def test_cluster_configs_parse_and_run_the_job_entrypoints():
 def test_a_data_set_smaller_than_one_global_batch_is_a_user_error():
     from fusion.config import TrainConfig
     from fusion.errors import FusionError
-    from fusion.train_loop import total_steps
+    from fusion.train.resume import total_steps
 
     train = TrainConfig(global_batch_size=8, micro_batch_size=2, num_workers=2)
     assert (

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fusion.chunking import chunk_document
 from fusion.config import DataConfig
-from fusion.corpus import CorpusError, Document, plan_shards, read_documents
+from fusion.data.chunking import chunk_document
+from fusion.data.corpus import CorpusError, Document, plan_shards, read_documents
 
 
 def _data(tmp_path, **extra) -> DataConfig:

@@ -12,7 +12,7 @@ import torch
 from fusion.demo.corpora import spans_of
 from fusion.demo.report import tokens_to_reach
 from fusion.demo.run import QUICK, run_demo
-from fusion.merge import MergeError, merge_state_dicts
+from fusion.evaluate.merge import MergeError, merge_state_dicts
 
 TINY = replace(
     QUICK,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fusion.device import DeviceRuleError, resolve_dtype, strict_device
+from fusion.models.device import DeviceRuleError, resolve_dtype, strict_device
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def _run(prepared_world, **train):
 def _batch(prepared_world, rows: int = 2):
     import pyarrow.parquet as pq
 
-    from fusion.batches import collate
+    from fusion.train.batches import collate
 
     root, _ = prepared_world
     return collate(pq.read_table(root / "data" / "data").slice(0, rows), "fused")
@@ -69,7 +69,7 @@ def _batch(prepared_world, rows: int = 2):
 def test_training_steps_keep_every_collective_on_the_engines_device(
     prepared_world, one_rank_group, strategy
 ):
-    from fusion.train_loop import Engine
+    from fusion.train.engine import Engine
 
     run = _run(prepared_world, strategy=strategy)
     with strict_device("cpu"):
@@ -87,7 +87,9 @@ def test_zero3_builds_the_target_partitioned_trains_and_exports_the_gathered_wei
     from transformers import AutoModelForCausalLM as Auto
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from fusion.train_loop import Engine, Progress, _export
+    from fusion.train.engine import Engine
+    from fusion.train.loop import _export
+    from fusion.train.resume import Progress
 
     built_under_zero3 = []
     load = Auto.from_pretrained.__func__

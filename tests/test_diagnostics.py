@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fusion.align import PAD_ID
-from fusion.diagnostics import diagnostics, teacher_counts
-from fusion.fuse import MIXED, NO_TEACHER
-from fusion.stages import object_array
+from fusion.data.reader import object_array
+from fusion.teacher.diagnostics import diagnostics, teacher_counts
+from fusion.teacher.fuse import MIXED, NO_TEACHER
 
 VOCAB = 10
 NINF = -np.inf

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray.train import WorkerGroupError
 
-from fusion.corpus import CorpusError
+from fusion.data.corpus import CorpusError
 from fusion.errors import user_error_from
 
 

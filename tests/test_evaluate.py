@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from fusion.cli import app
-from fusion.evaluate import evaluate, score
+from fusion.evaluate.bpb import evaluate
+from fusion.models.scoring import score
 
 runner = CliRunner()
 TEXTS = ["def f(x):\n    return x + 1\n", "The quick brown fox jumps over the lazy dog."]
@@ -19,7 +20,7 @@ TEXTS = ["def f(x):\n    return x + 1\n", "The quick brown fox jumps over the la
 def test_bits_per_byte_is_the_models_own_loss_over_the_bytes(model_dirs):
     from transformers import AutoModelForCausalLM
 
-    from fusion.models import load_tokenizer
+    from fusion.models.loading import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dirs["target"]).eval()
     tokenizer = load_tokenizer(model_dirs["target"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fusion.align import PAD_ID
-from fusion.fuse import (
+from fusion.teacher.fuse import (
     MIXED,
     NO_TEACHER,
     avg_ce_weights,

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from fusion.cli import app
 from fusion.config import ModelConfig
-from fusion.gguf_header import GGUFError, read_gguf_header, require_gguf_packages
-from fusion.models import ModelFolderError, check_model_folder
+from fusion.models.gguf_header import GGUFError, read_gguf_header, require_gguf_packages
+from fusion.models.loading import ModelFolderError, check_model_folder
 
 
 def _write_small_gguf(path, tokens: list[str], shapes: dict[str, tuple[int, ...]]) -> None:
@@ -138,7 +138,7 @@ def gguf_run(tmp_path_factory, metaspace_tokenizer, model_dirs, training_texts, 
     GPT-2 target, its config, and the model as transformers loads it from the file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusion.toy import tiny_causal_lm
+    from fusion.testing.toy import tiny_causal_lm
     from tests.gguf_model import write_gguf_llama
 
     root = tmp_path_factory.mktemp("gguf")
@@ -171,7 +171,7 @@ def _nll(model, ids: list[int]) -> list[float]:
 
 def test_a_gguf_only_source_validates_and_is_estimated_from_its_header(gguf_run):
     from fusion.config import load_config
-    from fusion.estimate import estimate
+    from fusion.teacher.estimate import estimate
 
     root, raw, _, tokenizer, parameters = gguf_run
     result = CliRunner().invoke(app, ["validate", str(root / "run.yaml")])
@@ -186,7 +186,7 @@ def test_a_gguf_only_source_is_prepared_after_its_bos_and_evaluated(gguf_run, tm
     import pyarrow.parquet as pq
 
     from fusion.config import load_config
-    from fusion.pipeline import prepare
+    from fusion.teacher.pipeline import prepare
 
     root, _, loaded, tokenizer, _ = gguf_run
     prepare(load_config(root / "run.yaml"), quiet=True)
@@ -226,7 +226,7 @@ def test_without_the_gguf_packages_validate_and_prepare_stop_in_one_line_before_
 ):
     import importlib.util
 
-    import fusion.pipeline
+    import fusion.teacher.pipeline
     from fusion.config import load_config
 
     root = gguf_run[0]
@@ -240,10 +240,10 @@ def test_without_the_gguf_packages_validate_and_prepare_stop_in_one_line_before_
     def no_ray(_config):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(fusion.pipeline, "ensure_ray", no_ray)
+    monkeypatch.setattr(fusion.teacher.pipeline, "ensure_ray", no_ray)
     result = CliRunner().invoke(app, ["validate", str(root / "run.yaml")])
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "sources.0" in lines[0] and "fusion[gguf]" in lines[0], lines
     with pytest.raises(GGUFError, match=r"accelerate: pip install 'fusion\[gguf\]'"):
-        fusion.pipeline.prepare(load_config(root / "run.yaml"), quiet=True, overwrite=True)
+        fusion.teacher.pipeline.prepare(load_config(root / "run.yaml"), quiet=True, overwrite=True)

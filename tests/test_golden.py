@@ -7,8 +7,8 @@ import torch
 
 from fusion.align import dtw_align, mined_vocab_map, transfer_topk
 from fusion.align.slow import dtw_align_slow
-from fusion.fuse import ce_rewards, min_ce_choice
-from fusion.loss import sparse_fusion_loss
+from fusion.teacher.fuse import ce_rewards, min_ce_choice
+from fusion.train.loss import sparse_fusion_loss
 
 DTW_CASES = [
     "T1_same_segmentation",

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config
 
-from fusion.head import ChunkedHead
-from fusion.toy import tiny_causal_lm
+from fusion.models.head import ChunkedHead
+from fusion.testing.toy import tiny_causal_lm
 
 VOCAB = 300
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from fusion.config import parse_config
-from fusion.pipeline import prepare
+from fusion.teacher.pipeline import prepare
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion.loss import clm_loss, fusion_objective, log_normaliser, sparse_fusion_loss
-from fusion.toy import tiny_causal_lm
+from fusion.testing.toy import tiny_causal_lm
+from fusion.train.loss import clm_loss, fusion_objective, log_normaliser, sparse_fusion_loss
 
 
 def _teacher(batch=2, length=5, vocab=11, k=4, seed=0):

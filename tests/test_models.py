@@ -12,7 +12,12 @@ from typer.testing import CliRunner
 
 from fusion.cli import app
 from fusion.config import ModelConfig
-from fusion.models import ModelFolderError, check_model_folder, load_causal_lm, resolve_device
+from fusion.models.loading import (
+    ModelFolderError,
+    check_model_folder,
+    load_causal_lm,
+    resolve_device,
+)
 
 
 def test_a_saved_tiny_model_loads_from_its_folder(model_dirs):

@@ -20,15 +20,15 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from fusion.backends.hf import HFTopK
-from fusion.chunking import encode
 from fusion.cli import app
 from fusion.cluster import ClusterError, check_cluster, cluster_maximum
 from fusion.config import parse_config
-from fusion.models import load_tokenizer
-from fusion.pipeline import build_bridges, build_projections, prepare
-from fusion.stages import align_row
-from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
+from fusion.data.chunking import encode
+from fusion.models.loading import load_tokenizer
+from fusion.teacher.backends.hf import HFTopK
+from fusion.teacher.pipeline import build_bridges, build_projections, prepare
+from fusion.teacher.stages import align_row
+from fusion.testing.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -345,7 +345,7 @@ def test_the_cluster_check_refuses_only_what_the_cluster_can_never_provide(
 
 
 def test_estimate_predicts_tokens_and_bounds_disk_before_running(world, prepared, tmp_path):
-    from fusion.estimate import estimate
+    from fusion.teacher.estimate import estimate
 
     config, summary, out = prepared
     result = estimate(config)
@@ -401,7 +401,7 @@ def test_fusion_run_streams_teacher_rows_into_a_trained_model(streamed):
 
 
 def test_killed_streamed_run_resumes_to_the_same_weights(world, streamed, tmp_path, capsys):
-    from fusion.run import run
+    from fusion.train.run import run
     from tests.test_train import _weights, kill_after_first_checkpoint
 
     storage = tmp_path / "killed"

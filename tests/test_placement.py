@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from fusion.config import SourceConfig
-from fusion.placement import hf_placement, vllm_placement
+from fusion.models.placement import hf_placement, vllm_placement
 
 GIB = 2**30
 
@@ -67,7 +67,7 @@ def _parameters(folder) -> int:
 )
 def test_training_memory_per_worker_follows_the_zero_stage(gpu_config, train, bytes_per_parameter):
     from fusion.config import parse_config
-    from fusion.estimate import estimate
+    from fusion.teacher.estimate import estimate
 
     settings = {"global_batch_size": 8, "micro_batch_size": 1} | train
     result = estimate(parse_config(gpu_config | {"train": settings}))
@@ -81,7 +81,7 @@ def test_estimate_reports_memory_per_gpu_and_warns_when_a_model_will_not_fit(gpu
 
     from fusion.cli import app
     from fusion.config import parse_config
-    from fusion.estimate import estimate
+    from fusion.teacher.estimate import estimate
 
     source = estimate(parse_config(gpu_config)).models[-1]
     assert source.gpus == 2 and source.per_gpu_bytes == source.memory_bytes // 2

@@ -17,8 +17,9 @@ from tokenizers import Tokenizer, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from fusion.align.projection import along_the_text, build_projection, byte_ends, token_bytes
-from fusion.toy import train_tokenizer
+from fusion.align.projection import along_the_text, build_projection
+from fusion.align.token_bytes import byte_ends, token_bytes
+from fusion.testing.toy import train_tokenizer
 
 TEXTS = [
     "Hello world, the knowledge of 12,345 things.\nIt's   spaced\tout.",
@@ -264,7 +265,7 @@ def test_projection_equals_a_brute_force_over_the_source_vocabulary(
 def test_token_bytes_spell_real_tokenizations_exactly():
     """GPT-2 (byte level) and Mistral (▁, byte fallback, a dummy prefix) token by token: the
     bytes of each token are the text's next bytes, multi-byte characters split or not."""
-    from fusion.packaged_tokenizers import gpt2_tokenizer, mistral_tokenizer
+    from fusion.testing.packaged_tokenizers import gpt2_tokenizer, mistral_tokenizer
 
     text = "日本語 😀👍🏽 🧿 ꙮ Ελληνικά\r\n\u00a0naïve\t\tcafé  x 12,345\n\n  end "
     data = text.encode()
@@ -297,9 +298,9 @@ def test_the_tables_are_cached_and_read_back(tokenizers, tmp_path):
 def test_the_backend_projects_its_own_full_distributions_chunk_by_chunk(tokenizers, tmp_path):
     """HFTopK.read_projected over a batch whose head runs in several chunks equals the brute
     force on the model's dense logits: top-k ids, log-probabilities, tail mass, coverage."""
-    from fusion.backends.hf import HFTopK
     from fusion.config import ModelConfig
-    from fusion.toy import save_model_dir, tiny_causal_lm
+    from fusion.teacher.backends.hf import HFTopK
+    from fusion.testing.toy import save_model_dir, tiny_causal_lm
 
     source, source_kind = tokenizers["bytes300"]
     target, target_kind = tokenizers["meta700"]

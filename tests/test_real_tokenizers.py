@@ -6,8 +6,8 @@ import pytest
 
 from fusion.align import VocabBridge, detect_marker, dtw_align, offset_align
 from fusion.align.slow import dtw_align_slow
-from fusion.models import vocab_list
-from fusion.packaged_tokenizers import gpt2_tokenizer, mistral_tokenizer
+from fusion.models.loading import vocab_list
+from fusion.testing.packaged_tokenizers import gpt2_tokenizer, mistral_tokenizer
 
 TEXT = (
     "def median(values: list[float]) -> float:\n"

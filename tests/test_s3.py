@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from fusion.config import DataConfig, parse_config
-from fusion.corpus import plan_shards, read_documents
-from fusion.inspect import inspect_lines
-from fusion.share import DataFile, WorkerShare
-from fusion.train import DatasetMismatchError, check_dataset
+from fusion.data.corpus import plan_shards, read_documents
+from fusion.data.share import DataFile, WorkerShare
+from fusion.teacher.inspect import inspect_lines
+from fusion.train.trainer import DatasetMismatchError, check_dataset
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "fusion-test",

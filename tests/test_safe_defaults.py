@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fusion.cluster import runtime_env
 from fusion.config import parse_config
-from fusion.files import write_text_atomically
-from fusion.pipeline import runtime_env
+from fusion.data.files import write_text_atomically
 
 
 def _config(**ray) -> object:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fusion.share import DataFile, WorkerShare
+from fusion.data.share import DataFile, WorkerShare
 
 SIZES = [5, 1, 7, 3, 11, 4]  # uneven files, one of a single row
 

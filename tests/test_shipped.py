@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from fusion.cli import app
 from fusion.cluster import ClusterError, check_cluster
 from fusion.config import load_config
-from fusion.pipeline import prepare
-from fusion.train import check_training_resources, train
+from fusion.teacher.pipeline import prepare
+from fusion.train.trainer import check_training_resources, train
 
 pytestmark = pytest.mark.slow
 

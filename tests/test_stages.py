@@ -7,8 +7,9 @@ import pytest
 
 from fusion.align import PAD_ID, VocabBridge
 from fusion.config import AlignConfig, FuseConfig
-from fusion.fuse import MIXED, NO_TEACHER
-from fusion.stages import align_row, fuse_batch, object_array
+from fusion.data.reader import object_array
+from fusion.teacher.fuse import MIXED, NO_TEACHER
+from fusion.teacher.stages import align_row, fuse_batch
 from tests.imports import packages_loaded_by
 
 
@@ -98,7 +99,7 @@ def test_model_actors_use_the_configured_torch_threads(model_dirs):
     import torch
 
     from fusion.config import SourceConfig
-    from fusion.stages import ForwardStage
+    from fusion.teacher.stages import ForwardStage
 
     before = torch.get_num_threads()
     try:
@@ -159,22 +160,23 @@ def test_per_byte_avg_ce_weights_divide_each_total_nll_by_the_texts_utf8_bytes(c
 
 
 def test_the_stages_module_loads_without_torch_or_transformers():
-    # Every Ray worker of an align, fuse or write stage imports fusion.stages: only the
+    # Every Ray worker of an align, fuse or write stage imports fusion.teacher.stages: only the
     # reading and model stages need torch and transformers, and import them when built.
-    assert packages_loaded_by(["fusion.stages"], ["torch", "transformers", "numba"]) == []
+    stages = ["fusion.teacher.stages", "fusion.data.reader"]
+    assert packages_loaded_by(stages, ["torch", "transformers", "numba"]) == []
 
 
 READER = """
 import json, pickle, sys
-from fusion.config import DataConfig, TargetConfig
-from fusion.corpus import plan_shards
-from fusion.stages import ChunkStage
+from fusion.config import DataConfig
+from fusion.data.corpus import plan_shards
+from fusion.data.reader import ChunkStage
 
 data = DataConfig(paths=[sys.argv[1]], max_length=12)
 descriptor = {k: [v] for k, v in plan_shards(data)[0].descriptor().items()}
 with open(sys.argv[2], "rb") as stream:
     tokenizer = pickle.load(stream)
-out = ChunkStage(TargetConfig(path=sys.argv[3]), data, {}, tokenizer=tokenizer)(descriptor)
+out = ChunkStage(data, {}, tokenizer=tokenizer)(descriptor)
 print(json.dumps({
     "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch"),
     "ids": [list(map(int, ids)) for ids in out["input_ids"]],
@@ -186,15 +188,16 @@ print(json.dumps({
 def test_a_reader_given_the_drivers_tokenizer_chunks_as_one_that_loads_it_and_needs_no_torch(
     model_dirs, tmp_path
 ):
+    import functools
     import json
     import pickle
     import subprocess
     import sys
 
-    from fusion.config import DataConfig, TargetConfig
-    from fusion.corpus import plan_shards
-    from fusion.models import load_tokenizer
-    from fusion.stages import ChunkStage
+    from fusion.config import DataConfig
+    from fusion.data.corpus import plan_shards
+    from fusion.data.reader import ChunkStage
+    from fusion.models.loading import load_tokenizer
     from tests.imports import ROOT
 
     corpus = tmp_path / "corpus.jsonl"
@@ -213,7 +216,8 @@ def test_a_reader_given_the_drivers_tokenizer_chunks_as_one_that_loads_it_and_ne
 
     data = DataConfig(paths=[str(corpus)], max_length=12)
     descriptor = {k: [v] for k, v in plan_shards(data)[0].descriptor().items()}
-    loaded = ChunkStage(TargetConfig(path=target), data, {})(descriptor)  # loads it itself
+    loads = functools.partial(load_tokenizer, target)  # as a remote-code tokenizer comes
+    loaded = ChunkStage(data, {}, load_tokenizer=loads)(descriptor)
     assert shipped["torch"] == []
     assert len(shipped["ids"]) > len(texts)  # long documents give several chunks
     assert shipped["ids"] == [ids.tolist() for ids in loaded["input_ids"]]

@@ -15,11 +15,11 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fusion.batches import collate
 from fusion.config import parse_config
-from fusion.fuse import NO_TEACHER
-from fusion.toy import save_model_dir, tiny_causal_lm, train_tokenizer
-from fusion.train import DatasetMismatchError, check_dataset, train
+from fusion.teacher.fuse import NO_TEACHER
+from fusion.testing.toy import save_model_dir, tiny_causal_lm, train_tokenizer
+from fusion.train.batches import collate
+from fusion.train.trainer import DatasetMismatchError, check_dataset, train
 
 pytestmark = pytest.mark.slow
 
@@ -180,8 +180,8 @@ def test_a_bos_target_trains_on_rows_that_start_with_bos_and_scores_as_eval_does
     the same texts (eval windows start with BOS too)."""
     import pyarrow.parquet as pq
 
-    from fusion.evaluate import score
-    from fusion.loss import fusion_objective
+    from fusion.models.scoring import score
+    from fusion.train.loss import fusion_objective
 
     root, _ = prepared_world
     table = pq.read_table(root / "data" / "data")

@@ -200,8 +200,8 @@ def _pairs(n):
 
 
 def test_real_eos_maps_to_eos_and_no_ordinary_token_lands_on_a_special():
-    from fusion.models import special_tokens, vocab_list
-    from fusion.packaged_tokenizers import gpt2_tokenizer, mistral_tokenizer
+    from fusion.models.loading import special_tokens, vocab_list
+    from fusion.testing.packaged_tokenizers import gpt2_tokenizer, mistral_tokenizer
 
     gpt2, mistral = gpt2_tokenizer(), mistral_tokenizer()
     source_vocab, target_vocab = vocab_list(gpt2), vocab_list(mistral)

@@ -9,7 +9,7 @@ from rapidfuzz.distance import Levenshtein
 from fusion.align import exact_vocab_map, mined_vocab_map
 from fusion.align.slow import levenshtein, mined_vocab_map_slow
 from fusion.align.vocab import nearest_tokens
-from fusion.models import vocab_list
+from fusion.models.loading import vocab_list
 from tests.strategies import examples, markers, token, vocab
 
 

@@ -1,4 +1,7 @@
-"""Cross-tokenizer alignment: vocabulary maps, sequence alignment, top-k transfer."""
+"""Stage 3, alignment across tokenizers: vocabulary maps (exact, MinED), sequence
+alignment (character offsets, DTW), top-k transfer into target ids, and the byte
+projection. Takes two tokenizations of one text; gives the source's distributions in
+target positions and ids."""
 
 from fusion.align.alignment import Alignment
 from fusion.align.dtw import dtw_align

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fusion.files import write_text_atomically
+from fusion.data.files import write_text_atomically
 
 _FORMAT = "fusion-vocab-map/1"
 

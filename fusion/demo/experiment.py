@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusion.config import FusionConfig, config_to_yaml, parse_config
+from fusion.data.files import write_text_atomically
 from fusion.demo.world import SOURCES, TARGET, Scale, World
-from fusion.files import write_text_atomically
 
 LAM = 0.9
 LR = 1e-3
@@ -184,8 +184,8 @@ def prepare_dataset(
 ) -> dict:
     """Run (or resume) `fusion prepare` for one data set, or re-fuse it from the main one;
     return its manifest."""
-    from fusion.pipeline import prepare
-    from fusion.refuse import refuse
+    from fusion.teacher.pipeline import prepare
+    from fusion.teacher.refuse import refuse
 
     config = parse_config(raw_config(world, out, scale, dataset), base=out)
     if dataset in REFUSED:
@@ -207,7 +207,7 @@ def train_arm(
     world: World, out: Path, scale: Scale, arm: Arm, *, echo: Callable[[str], None]
 ) -> Path:
     """Train one arm with `fusion train` (resuming its checkpoints) unless it is done."""
-    from fusion.train import train
+    from fusion.train.trainer import train
 
     config = arm_config(world, out, scale, arm)
     storage = Path(config.train.storage_path)

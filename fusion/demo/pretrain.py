@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fusion.config import TrainConfig
-from fusion.evaluate import windows
-from fusion.optim import adamw, scheduler
+from fusion.models.scoring import windows
+from fusion.train.optim import adamw, scheduler
 
 
 def _batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

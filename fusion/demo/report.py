@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fusion.files import write_text_atomically
+from fusion.data.files import write_text_atomically
 
 
 def learning_curve(metrics_file: Path) -> list[tuple[int, float]]:

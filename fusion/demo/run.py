@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fusion.data.files import write_text_atomically
 from fusion.demo.corpora import DOMAINS
 from fusion.demo.experiment import (
     LAM,
@@ -27,7 +28,6 @@ from fusion.demo.report import (
     write_report,
 )
 from fusion.demo.world import PAIR, SOURCES, TARGET, TOKENIZERS, Scale, World, build_world
-from fusion.files import write_text_atomically
 
 QUICK = Scale(
     code_chars=1_000_000,
@@ -58,7 +58,7 @@ FULL = Scale(
 
 def _baselines(world: World, out: Path, echo: Callable[[str], None]) -> dict[str, list[str]]:
     """Ensemble and merges of the same-architecture pair (merged folders cached by recipe)."""
-    from fusion.merge import merge_models
+    from fusion.evaluate.merge import merge_models
 
     pair = [str(world.models[spec.name]) for spec in PAIR]
     base = str(world.models[TARGET.name])
@@ -77,7 +77,7 @@ def _baselines(world: World, out: Path, echo: Callable[[str], None]) -> dict[str
 
 
 def _evaluate(members: dict[str, list[str]], world: World, scale: Scale) -> dict[str, dict]:
-    from fusion.evaluate import evaluate
+    from fusion.evaluate.bpb import evaluate
 
     corpora = {domain: str(path) for domain, path in world.held_out.items()}
     return evaluate(members, corpora, max_length=scale.max_length, batch_size=16)

@@ -151,7 +151,7 @@ def _build_tokenizers(root: Path, corpora: Corpora, scale: Scale, corpus: str) -
     """Train the four tokenizers (the target's on another sample than the sources')."""
     import random
 
-    from fusion.toy import train_tokenizer
+    from fusion.testing.toy import train_tokenizer
 
     folders = {}
     for key, (kind, size) in TOKENIZERS.items():
@@ -196,8 +196,8 @@ def pretrain_model(
     from transformers import AutoModelForCausalLM
 
     from fusion.demo.pretrain import pretrain
-    from fusion.models import load_tokenizer
-    from fusion.toy import tiny_causal_lm
+    from fusion.models.loading import load_tokenizer
+    from fusion.testing.toy import tiny_causal_lm
 
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(tokenizer_dir)
