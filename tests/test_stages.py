@@ -222,3 +222,30 @@ def test_a_reader_given_the_drivers_tokenizer_chunks_as_one_that_loads_it_and_ne
     assert len(shipped["ids"]) > len(texts)  # long documents give several chunks
     assert shipped["ids"] == [ids.tolist() for ids in loaded["input_ids"]]
     assert shipped["offsets"] == [np.asarray(o).reshape(-1, 2).tolist() for o in loaded["offsets"]]
+
+
+def test_readers_get_the_loaded_tokenizer_or_for_remote_code_a_function_that_loads_it(
+    model_dirs, tmp_path
+):
+    from fusion.config import parse_config
+    from fusion.data.reader import ChunkStage
+    from fusion.teacher.pipeline import _reader_tokenizer
+
+    def config(remote: bool):
+        target = {"path": str(model_dirs["target"]), "trust_remote_code": remote}
+        return parse_config(
+            {
+                "target": target,
+                "sources": [{"name": "coder", "path": str(model_dirs["gpt2"])}],
+                "data": {"paths": [str(tmp_path)]},
+                "output": {"dir": str(tmp_path / "out")},
+            }
+        )
+
+    shipped, loaded = _reader_tokenizer(config(False)), _reader_tokenizer(config(True))
+    assert set(shipped) == {"tokenizer"} and set(loaded) == {"load_tokenizer"}
+    text = "def f(x):\n\treturn x — ünïcode"
+    expected = shipped["tokenizer"](text, return_offsets_mapping=True)
+    assert loaded["load_tokenizer"]()(text, return_offsets_mapping=True) == expected
+    with pytest.raises(ValueError, match="a tokenizer or a function that loads one"):
+        ChunkStage(config(False).data, {})
