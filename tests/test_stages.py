@@ -206,7 +206,7 @@ def test_a_reader_given_the_drivers_tokenizer_chunks_as_one_that_loads_it_and_ne
     target = str(model_dirs["target"])
     (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(load_tokenizer(target)))
     done = subprocess.run(
-        [sys.executable, "-c", READER, str(corpus), str(tmp_path / "tokenizer.pkl"), target],
+        [sys.executable, "-c", READER, str(corpus), str(tmp_path / "tokenizer.pkl")],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -229,7 +229,7 @@ def test_readers_get_the_loaded_tokenizer_or_for_remote_code_a_function_that_loa
 ):
     from fusion.config import parse_config
     from fusion.data.reader import ChunkStage
-    from fusion.teacher.pipeline import _reader_tokenizer
+    from fusion.teacher.pipeline import reader_tokenizer
 
     def config(remote: bool):
         target = {"path": str(model_dirs["target"]), "trust_remote_code": remote}
@@ -242,7 +242,7 @@ def test_readers_get_the_loaded_tokenizer_or_for_remote_code_a_function_that_loa
             }
         )
 
-    shipped, loaded = _reader_tokenizer(config(False)), _reader_tokenizer(config(True))
+    shipped, loaded = reader_tokenizer(config(False)), reader_tokenizer(config(True))
     assert set(shipped) == {"tokenizer"} and set(loaded) == {"load_tokenizer"}
     text = "def f(x):\n\treturn x — ünïcode"
     expected = shipped["tokenizer"](text, return_offsets_mapping=True)

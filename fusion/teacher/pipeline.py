@@ -132,7 +132,7 @@ def teacher_dataset(
             "bos": training_bos(config),
             "skip": skip,
         }
-        | _reader_tokenizer(config),
+        | reader_tokenizer(config),
         batch_size=1,
         compute=pool(size=actors["read"]),
         num_cpus=SMALL_CPU,
@@ -179,7 +179,7 @@ def teacher_dataset(
     )
 
 
-def _reader_tokenizer(config: FusionConfig) -> dict:
+def reader_tokenizer(config: FusionConfig) -> dict:
     """The target's tokenizer for the readers: loaded here and shipped, or (remote code,
     whose classes a worker may not find otherwise) loaded by each reader."""
     if config.target.trust_remote_code:
