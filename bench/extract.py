@@ -163,7 +163,7 @@ def projection_figures() -> None:
             probs = torch.softmax(logits, -1)
             middle = time.perf_counter()
             projection.project(
-                probs, plan.prefix[rows], plan.lo[rows], plan.hi[rows], plan.at_start[rows]
+                probs, plan.prefix[rows], plan.lo[rows], plan.hi[rows], plan.view[rows]
             )
             project_seconds += time.perf_counter() - middle
             softmax_seconds += middle - began

@@ -123,3 +123,36 @@ def test_zero3_builds_the_target_partitioned_trains_and_exports_the_gathered_wei
     assert gathered.keys() == exported.keys()
     for name, value in gathered.items():
         assert torch.equal(value, exported[name]), name
+
+
+def test_a_bucket_micro_step_teaches_the_tail_as_stored(prepared_world, one_rank_group):
+    """``kd_tail: bucket`` end to end through the engine: collate carries each position's
+    stored tail (read here from the Parquet rows), and the engine's fusion loss is the bucket
+    loss over it, not the renormalised one."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    from fusion.train.batches import collate
+    from fusion.train.engine import Engine
+    from fusion.train.loss import fusion_objective
+
+    root, _ = prepared_world
+    table = pq.read_table(root / "data" / "data").slice(0, 2)
+    batch = collate(table, "fused")
+    stored = torch.zeros_like(batch["tail"])
+    for row, tails in enumerate(table["fused.tail"].to_pylist()):
+        stored[row, : len(tails)] = torch.from_numpy(np.asarray(tails, np.float32))
+    assert torch.equal(batch["tail"], stored) and (stored > 0.01).any()
+    model = AutoModelForCausalLM.from_pretrained(root / "target", dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    teacher = [batch[k] for k in ("topk_ids", "topk_logits", "teacher_mask")]
+    inputs = (logits, batch["input_ids"], batch["attention_mask"], *teacher)
+    bucket = fusion_objective(*inputs, lam=0.5, tail=stored).fusion
+    renormalised = fusion_objective(*inputs, lam=0.5).fusion
+    assert float(bucket) != pytest.approx(float(renormalised), rel=1e-3)
+    with strict_device("cpu"):
+        engine = Engine(_run(prepared_world, strategy="ddp"), total=4, device=torch.device("cpu"))
+        parts, _ = engine.micro_step(batch, lam=0.5, teacher_precision="fp32", kd_tail="bucket")
+    assert float(parts.fusion) == pytest.approx(float(bucket), rel=1e-5)

@@ -79,3 +79,21 @@ def test_mixed_positions_are_counted_and_taught():
     assert fused["fallback_over_real"] == 0
     # both labelled positions teach: the one-hot 6 at position 0 (p = 1), 0.3125 at 1
     assert fused["bits_per_byte"] == pytest.approx(-math.log(0.3125) / math.log(2) / 3, abs=1e-4)
+
+
+def test_fidelity_reads_the_values_as_stored_in_float16_and_floors_a_zero_tail():
+    """A tail of 0.9993 is stored as float16's 0.99951..., which leaves the kept label a third
+    less mass (and 0.1 as 0.0999755...); a stored tail of 0 where the label is not kept counts
+    as float16's smallest step spread over the ids the top-k does not hold, never as -log 0."""
+    batch = _batch([1, 1, NO_TEACHER])
+    batch["src.topk_ids"] = _rows([[6, 3], [5, 4], [PAD_ID, PAD_ID]], np.int32)
+    batch["src.topk_logits"] = _rows([[0.1, 0.0], [0.0, NINF], [NINF, NINF]], np.float32)
+    batch["src.tail"] = _rows([0.9993, 0.0, 0.0], np.float32)
+    found = diagnostics(teacher_counts(batch, ["target", "src"], VOCAB))["candidates"]["src"]
+    tail, logit = float(np.float16(0.9993)), float(np.float16(0.1))
+    assert tail != pytest.approx(0.9993, abs=1e-4)  # the rounding matters here
+    share = math.exp(logit) / (math.exp(logit) + 1.0)
+    position_0 = -math.log((1 - tail) * share)  # label 6 kept
+    position_1 = -math.log(2.0**-24 / (VOCAB - 1))  # label 7 not kept, tail 0
+    stored = (position_0 + position_1) / math.log(2) / 3
+    assert found["bits_per_byte"] == pytest.approx(stored, abs=1e-4)

@@ -38,18 +38,41 @@ def is_module(name: str) -> bool:
     return folder.with_suffix(".py").is_file() or (folder / "__init__.py").is_file()
 
 
-def imported(source: str) -> set[str]:
-    """Every fusion module a file imports, at the top or inside a function, including
-    ``from fusion.x import y`` where ``y`` is itself a module."""
+def imported(source: str, importer: str = "fusion", *, package: bool = False) -> set[str]:
+    """Every fusion module a file imports, at the top or inside a function: ``import``,
+    ``from fusion.x import y`` where ``y`` is itself a module, relative imports (resolved
+    against ``importer``, a package's ``__init__`` when ``package``) and
+    ``importlib.import_module`` or ``__import__`` of a written-out name."""
+    here = importer.split(".") if package else importer.split(".")[:-1]
     names = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.split(".")[0] == "fusion":
-                names.add(node.module)
-                names |= {f"{node.module}.{a.name}" for a in node.names}
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.split(".")[0] == "fusion":
+                names.add(module)
+                names |= {f"{module}.{a.name}" for a in node.names}
         elif isinstance(node, ast.Import):
             names |= {a.name for a in node.names if a.name.split(".")[0] == "fusion"}
+        elif isinstance(node, ast.Call) and _names_a_module(node):
+            names.add(node.args[0].value)
     return {name for name in names if is_module(name)}
+
+
+def _names_a_module(call: ast.Call) -> bool:
+    """``importlib.import_module("fusion…")``, ``import_module("fusion…")``, ``__import__``."""
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    return (
+        name in ("import_module", "__import__")
+        and bool(call.args)
+        and isinstance(call.args[0], ast.Constant)
+        and isinstance(call.args[0].value, str)
+        and call.args[0].value.split(".")[0] == "fusion"
+    )
 
 
 def test_stage_of_reads_the_folder_and_refuses_a_module_outside_every_stage():
@@ -76,6 +99,27 @@ def test_imported_finds_modules_however_they_are_imported():
         "fusion.teacher.rows",
         "fusion.models.loading",
     }
+    relative = (
+        "from ..teacher.rows import x\n"
+        "from .. import train\n"
+        "from . import loading\n"
+        "import importlib\n"
+        "def g():\n"
+        "    importlib.import_module('fusion.train.loss')\n"
+        "    __import__('fusion.evaluate.bpb')\n"
+    )
+    assert imported(relative, "fusion.models.head") == {
+        "fusion.teacher.rows",
+        "fusion",
+        "fusion.train",
+        "fusion.models",
+        "fusion.models.loading",
+        "fusion.train.loss",
+        "fusion.evaluate.bpb",
+    }
+    assert imported("from .rows import x\n", "fusion.teacher", package=True) == {
+        "fusion.teacher.rows"
+    }
 
 
 def test_no_stage_imports_a_later_one():
@@ -83,7 +127,9 @@ def test_no_stage_imports_a_later_one():
     for path in sorted(PACKAGE.rglob("*.py")):
         importer = module_name(path)
         rank = STAGES.index(stage_of(importer))
-        for name in sorted(imported(path.read_text(encoding="utf-8"))):
+        source = path.read_text(encoding="utf-8")
+        package = path.name == "__init__.py"
+        for name in sorted(imported(source, importer, package=package)):
             if name != "fusion" and STAGES.index(stage_of(name)) > rank:
                 backwards.append(f"{importer} imports {name}")
     assert backwards == []

@@ -188,3 +188,38 @@ def test_bucket_tail_equals_the_dense_bucket_loss_in_value_and_gradient(lam):
     torch.testing.assert_close(fused_student.grad, dense_student.grad, rtol=0, atol=1e-10)
     renormalised = sparse_fusion_loss(student, ids, logits, mask)
     assert renormalised.item() != pytest.approx(sparse.item(), rel=1e-3)  # the tail is taught
+
+
+def test_the_bucket_is_held_at_its_floor_where_the_student_holds_almost_everything():
+    """Where the student's mass outside the teacher's ids is below 1e-6, the bucket's term is
+    held at log(1e-6), so it pulls no further there (the gradient a clamp at that floor has);
+    elsewhere it teaches as the dense bucket loss does."""
+    student, ids, logits, mask = _teacher(seed=10)
+    on_ids = ids[0, 2].clamp_min(0)
+    student[0, 2] = 0.0
+    student[0, 2, on_ids] = 30.0  # outside mass ≈ 7·e^-30 ≈ 6e-13: below the floor
+    tail = torch.full(student.shape[:2], 0.3, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(11)
+    input_ids = torch.randint(0, student.shape[-1], student.shape[:2], generator=generator)
+    attention = torch.ones_like(mask)
+
+    present = logits > float("-inf")
+    probs = torch.softmax(logits.masked_fill(~present.any(-1, keepdim=True), 0.0), -1) * present
+    dense_student = student.clone().requires_grad_(True)
+    log_p = torch.log_softmax(dense_student, -1)
+    teacher = torch.zeros_like(student).scatter_add_(-1, ids.clamp_min(0), probs)
+    held = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, ids.clamp_min(0), present)
+    outside = torch.log(torch.clamp(1 - (log_p.exp() * held).sum(-1), min=1e-6))
+    per_position = -((1 - tail) * (teacher * log_p).sum(-1) + tail * outside)
+    weight = mask * present.any(-1)
+    expected = 0.5 * clm_loss(dense_student, input_ids, attention)
+    expected = expected + 0.5 * (per_position * weight).sum() / weight.sum()
+    expected.backward()
+
+    fused_student = student.clone().requires_grad_(True)
+    parts = fusion_objective(
+        fused_student, input_ids, attention, ids, logits, mask, lam=0.5, tail=tail
+    )
+    parts.total.backward()
+    assert parts.total.item() == pytest.approx(expected.item(), rel=1e-10)
+    torch.testing.assert_close(fused_student.grad, dense_student.grad, rtol=0, atol=1e-10)

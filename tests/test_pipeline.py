@@ -26,6 +26,7 @@ from fusion.config import parse_config
 from fusion.data.chunking import encode
 from fusion.models.loading import load_tokenizer
 from fusion.teacher.backends.hf import HFTopK
+from fusion.teacher.fuse import NO_TEACHER
 from fusion.teacher.pipeline import build_bridges, build_projections, prepare
 from fusion.teacher.stages import align_row
 from fusion.testing.toy import save_model_dir, tiny_causal_lm, train_tokenizer
@@ -143,6 +144,46 @@ def test_aligned_top_k_equals_the_alignment_functions_called_directly(prepared):
             assert np.array_equal(stored, logits.astype(np.float16).astype(np.float32))
 
 
+def _fidelity_by_hand(rows: list[dict], name: str, target_tokenizer) -> tuple[float, float]:
+    """Bits per byte of the next target token under distribution ``name`` as stored (float16
+    values; top-k scaled by 1 - tail, else the tail shared by the ids the top-k lacks, a tail
+    of 0 counted as 2^-24) over the positions it teaches, and the model's own bits per byte."""
+    nats = size = own_nats = own_size = 0.0
+    vocab = len(target_tokenizer)
+    for row in rows:
+        text, ids = row["text"], row["input_ids"]
+        ends = [end for _, end in encode(target_tokenizer, text, False)[1]]
+        for t in range(len(ids) - 1):
+            teaches = (
+                row["fused.choice"][t] != NO_TEACHER
+                if name == "fused"
+                else row[f"{name}.aligned"][t]
+            )
+            if not teaches:
+                continue
+            kept = [
+                (i, float(np.float16(v)))
+                for i, v in zip(
+                    row[f"{name}.topk_ids"][t], row[f"{name}.topk_logits"][t], strict=True
+                )
+                if i >= 0 and v > -np.inf
+            ]
+            tail = max(float(np.float16(row[f"{name}.tail"][t])), 2.0**-24)
+            label = ids[t + 1]
+            if label in [i for i, _ in kept]:
+                weights = {i: np.exp(v) for i, v in kept}
+                p = (1 - min(tail, 1 - 2.0**-24)) * weights[label] / sum(weights.values())
+            else:
+                p = tail / (vocab - len(kept))
+            nats -= np.log(p)
+            size += len(text[ends[t] : ends[t + 1]].encode()) if t + 1 < len(ends) else 0
+        if name != "fused" and np.isfinite(row[f"{name}.nll"]):
+            own_nats += row[f"{name}.nll"]
+            own_size += row[f"{name}.nll_bytes"]
+    bits = 1 / np.log(2)
+    return nats * bits / size, (own_nats * bits / own_size if own_size else 0.0)
+
+
 def test_bytes_method_stores_each_sources_projection_as_the_backend_computes_it(
     world, ray_cluster, tmp_path
 ):
@@ -160,13 +201,18 @@ def test_bytes_method_stores_each_sources_projection_as_the_backend_computes_it(
     prepare(config, quiet=True)
     out = tmp_path / "out"
     found = json.loads((out / "manifest.json").read_text())["diagnostics"]
+    target_tokenizer = load_tokenizer(config.target.path)
+    everything = pq.read_table(out / "data").to_pylist()
     for name in ("coder", "counter"):
         stats = found["candidates"][name]
         assert stats["coverage"] > 0.99
-        assert stats["bits_per_byte"] > 0 and stats["own_bits_per_byte"] > 0
-    assert found["fused"]["bits_per_byte"] > 0
+        stored, own = _fidelity_by_hand(everything, name, target_tokenizer)
+        assert stats["bits_per_byte"] == pytest.approx(stored, abs=2e-4)
+        assert stats["own_bits_per_byte"] == pytest.approx(own, abs=2e-4)
+    assert found["fused"]["bits_per_byte"] == pytest.approx(
+        _fidelity_by_hand(everything, "fused", target_tokenizer)[0], abs=2e-4
+    )
     projections = build_projections(config)
-    target_tokenizer = load_tokenizer(config.target.path)
     rows = pq.read_table(out / "data").sort_by("id").slice(0, 4).to_pylist()
     for index, source in enumerate(config.sources):
         reader = HFTopK(source, f"sources.{index}", num_gpus=0, top_k=10)

@@ -8,16 +8,17 @@ that does not start the chunk), and a loop over the whole source vocabulary.
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from fusion.align.projection import along_the_text, build_projection
+from fusion.align.projection import NONE, along_the_text, build_projection
 from fusion.align.token_bytes import byte_ends, token_bytes
 from fusion.testing.toy import train_tokenizer
 
@@ -26,6 +27,10 @@ TEXTS = [
     "def f(x):\n    return x + 1  # naïve café 😀\n\n\n  end",
     "Ελληνικά and 日本語 mixed with ASCII; tabs\t\tand a trailing space ",
     "9 + 10 = 19\n1000 - 1 = 999\n",
+    # the target's first token ends inside the source's first word, where the target's cut of
+    # that word as the start of a text differs from its cut mid-text
+    "certain aligned center: 5 ends",
+    " a chunk that goes on: it starts with a space",
 ]
 _UNICODE_TO_BYTE = {ch: b for b, ch in bytes_to_unicode().items()}
 _BYTE = re.compile(r"^<0x([0-9A-F]{2})>$")
@@ -36,7 +41,7 @@ def _bytes(tokenizer: PreTrainedTokenizerFast, kind: str, token_id: int) -> byte
     token = tokenizer.convert_ids_to_tokens(token_id)
     if token in ("<unk>", "<s>", "</s>"):
         return None
-    if kind == "byte_level":
+    if kind in ("byte_level", "prefix_space"):
         return bytes(_UNICODE_TO_BYTE[ch] for ch in token)
     if match := _BYTE.match(token):
         return bytes([int(match.group(1), 16)])
@@ -44,17 +49,43 @@ def _bytes(tokenizer: PreTrainedTokenizerFast, kind: str, token_id: int) -> byte
 
 
 def _spans(pieces: list[bytes], data: bytes) -> list[int]:
-    """Byte ends of a tokenization that spells ``data`` (a first ▁ the text lacks is a
-    dummy prefix of zero width)."""
+    """Byte ends of a tokenization that spells ``data``; where the tokens spell one space more
+    than the text, in front (a dummy prefix), the first token's space has no width."""
+    if b"".join(pieces) != data:
+        assert b"".join(pieces) == b" " + data, (pieces, data)
+        pieces = [pieces[0][1:], *pieces[1:]]
     ends, cursor = [], 0
-    for n, piece in enumerate(pieces):
-        if n == 0 and not data.startswith(piece) and piece.startswith(b" "):
-            piece = piece[1:]
-        assert data.startswith(piece, cursor), (pieces, data)
+    for piece in pieces:
         cursor += len(piece)
         ends.append(cursor)
-    assert cursor == len(data)
     return ends
+
+
+def _variant(tokenizer: PreTrainedTokenizerFast, kind: str) -> PreTrainedTokenizerFast:
+    """A toy tokenizer with its dummy prefix written another way: a ``Prepend`` normaliser and
+    no pre-tokenizer (Llama-2's and Mistral's tokenizer.json), or ByteLevel
+    ``add_prefix_space``."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if kind == "prepend":
+        spec["normalizer"] = _LEGACY_NORMALISER
+        spec["pre_tokenizer"] = None
+    else:
+        spec["pre_tokenizer"]["add_prefix_space"] = True
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+_LEGACY_NORMALISER = {
+    "type": "Sequence",
+    "normalizers": [
+        {"type": "Prepend", "prepend": "▁"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+    ],
+}
 
 
 def _whole_characters(data: bytes) -> str:
@@ -72,18 +103,37 @@ class _Pair:
     def __init__(self, source, source_kind, target, target_kind):
         self.source, self.source_kind = source, source_kind
         self.target, self.target_kind = target, target_kind
+        # the same model, cutting text that does not start it: no dummy prefix
         twin = Tokenizer.from_str(target.backend_tokenizer.to_str())
-        if target_kind == "metaspace":  # the same model, cutting text that does not start it
+        if target_kind == "metaspace":
             twin.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+        elif target_kind == "prepend":
+            twin.normalizer = normalizers.Replace(" ", "▁")
+        elif target_kind == "prefix_space":
+            twin.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self.twin = twin
         self.source_bytes = [_bytes(source, source_kind, i) for i in range(len(source))]
         self.cuts: dict[tuple[int, bool], dict[int, int]] = {}
 
-    def cut(self, source_id: int, at_start: bool) -> dict[int, int]:
-        """Byte offset → target id where the target's cut of the token's text starts one."""
-        key = (source_id, at_start)
+    def dummy_prefix(self, text: str) -> bool:
+        """Whether the source spells ``text`` with one space in front that the text lacks."""
+        ids = self.source(text, add_special_tokens=False)["input_ids"]
+        return b"".join(self.source_bytes[i] for i in ids) == b" " + text.encode()
+
+    def spelling(self, source_id: int, after_dummy: bool) -> bytes | None:
+        """What a source token spells in the text (the README's rule): its bytes, less the
+        leading space where it is the chunk's first token and that space is a dummy prefix."""
+        piece = self.source_bytes[source_id]
+        if after_dummy and piece is not None and piece.startswith(b" "):
+            piece = piece[1:] or None
+        return piece
+
+    def cut(self, source_id: int, at_start: bool, after_dummy: bool = False) -> dict[int, int]:
+        """Byte offset → target id where the target's cut of the text the token spells
+        starts one."""
+        key = (source_id, at_start, after_dummy)
         if key not in self.cuts:
-            text = _whole_characters(self.source_bytes[source_id])
+            text = _whole_characters(self.spelling(source_id, after_dummy) or b"")
             ids = (
                 self.target(text, add_special_tokens=False)["input_ids"]
                 if at_start
@@ -157,13 +207,15 @@ class _Pair:
                 out.append(None)
                 continue
             p = data[b:c]
+            after_dummy = j == 0 and self.dummy_prefix(text)
             dist = np.zeros(len(self.target))
-            for source_id, piece in enumerate(self.source_bytes):
+            for source_id in range(len(self.source_bytes)):
                 if source_id == self.source.eos_token_id and not p:
                     dist[self.target.eos_token_id] += probs[read, source_id]
+                piece = self.spelling(source_id, after_dummy)
                 if piece is None or not piece.startswith(p) or len(piece) <= len(p):
                     continue
-                target_id = self.cut(source_id, b == 0).get(len(p))
+                target_id = self.cut(source_id, b == 0, after_dummy).get(len(p))
                 if target_id is not None:
                     dist[target_id] += probs[read, source_id]
             runs_past = (
@@ -176,7 +228,7 @@ class _Pair:
                 moved = probs[read, source_ids[j]] * self.along(
                     probs, source_ids, j + 1, rest, bos, 4
                 )
-                short = self.cut(source_ids[j], b == 0).get(len(p))
+                short = self.cut(source_ids[j], b == 0, after_dummy).get(len(p))
                 if short is not None:
                     dist[short] -= moved
                 dist[target_ids[n + 1]] += moved
@@ -187,10 +239,14 @@ class _Pair:
 @pytest.fixture(scope="module")
 def tokenizers(training_texts):
     texts = training_texts[:60]
+    meta = train_tokenizer(texts, "metaspace", 700)
+    bytes500 = train_tokenizer(texts, "byte_level", 500)
     return {
-        "bytes500": (train_tokenizer(texts, "byte_level", 500), "byte_level"),
+        "bytes500": (bytes500, "byte_level"),
         "bytes300": (train_tokenizer(texts, "byte_level", 300), "byte_level"),
-        "meta700": (train_tokenizer(texts, "metaspace", 700), "metaspace"),
+        "meta700": (meta, "metaspace"),
+        "prepend700": (_variant(meta, "prepend"), "prepend"),
+        "prefix500": (_variant(bytes500, "prefix_space"), "prefix_space"),
     }
 
 
@@ -198,6 +254,9 @@ PAIRS = [
     ("bytes500", "meta700"),  # byte-level into Metaspace with a dummy prefix
     ("bytes300", "meta700"),  # a small source into a larger target
     ("meta700", "bytes500"),  # Metaspace with byte fallback into byte-level
+    ("prepend700", "bytes500"),  # a dummy prefix written by a normaliser (Llama-2, Mistral)
+    ("bytes500", "prepend700"),
+    ("meta700", "prefix500"),  # into byte-level with add_prefix_space
 ]
 
 
@@ -236,7 +295,7 @@ def test_projection_equals_a_brute_force_over_the_source_vocabulary(
             plan.prefix[rows],
             plan.lo[rows],
             plan.hi[rows],
-            plan.at_start[rows],
+            plan.view[rows],
         )[0].numpy()
         for slot, row in enumerate(rows):
             np.testing.assert_allclose(
@@ -284,15 +343,102 @@ def test_token_bytes_spell_real_tokenizations_exactly():
         assert any(_whole_characters(pieces[i]).encode() != pieces[i] for i in encoded["input_ids"])
 
 
-def test_the_tables_are_cached_and_read_back(tokenizers, tmp_path):
+def test_a_token_that_ends_inside_a_four_byte_character_is_cut_as_its_whole_characters(
+    tokenizers,
+):
+    """A byte-level token ``ab`` + three of the four bytes of 😀 spells ``ab`` and a piece the
+    target cannot cut: its cut is the target's cut of ``ab``, nothing after."""
+    source, _ = tokenizers["bytes500"]
+    target, target_kind = tokenizers["meta700"]
+    spec = json.loads(source.backend_tokenizer.to_str())
+    piece = b"ab" + "😀".encode()[:3]
+    new_id = len(source)
+    spec["model"]["vocab"]["".join(bytes_to_unicode()[b] for b in piece)] = new_id
+    grown = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="</s>"
+    )
+    projection = build_projection(grown, target)
+    assert projection.source_pieces[new_id] == piece
+    mid = projection.spellings[0]
+    row = mid.cut[mid.cut_start[new_id] : mid.cut_start[new_id] + len(piece)].tolist()
+    twin = _Pair(source, "byte_level", target, target_kind).twin
+    ids = twin.encode("ab", add_special_tokens=False).ids
+    ends = _spans([_bytes(target, target_kind, i) for i in ids], b"ab")
+    expected = [NONE] * len(piece)
+    for target_id, begin in zip(ids, [0, *ends[:-1]], strict=True):
+        expected[begin] = target_id
+    assert row == expected and row[0] != NONE
+
+
+def _tables(projection) -> list[np.ndarray]:
+    return [t for s in projection.spellings for t in (s.cut, s.dense)]
+
+
+def _same_tables(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(_tables(a), _tables(b), strict=True))
+
+
+def test_the_tables_are_read_back_from_the_cache_instead_of_built(tokenizers, tmp_path):
     source, _ = tokenizers["bytes500"]
     target, _ = tokenizers["meta700"]
     built = build_projection(source, target, cache=tmp_path)
-    assert len(list(tmp_path.glob("byte-projection-*.npz"))) == 1
+    (file,) = tmp_path.glob("byte-projection-*.npz")
+    assert not np.array_equal(built.spellings[0].cut, built.spellings[1].cut)  # dummy prefix
+    with np.load(file) as stored:
+        planted = {name: np.full_like(stored[name], 7) for name in stored.files}
+    np.savez(file, **planted)  # tables no build would make: seen only if the file is read
     again = build_projection(source, target, cache=tmp_path)
-    assert np.array_equal(built.cut_mid, again.cut_mid)
-    assert np.array_equal(built.cut_first, again.cut_first)
-    assert not np.array_equal(built.cut_mid, built.cut_first)  # the dummy prefix cuts apart
+    assert all((s.cut == 7).all() for s in again.spellings)
+
+
+def test_each_tokenizer_pair_has_its_own_cache_entry(tokenizers, tmp_path):
+    """Another target, and the same target with other special tokens (the same tokenizer.json),
+    each get their own tables, equal to tables built without a cache."""
+    import copy
+
+    source, _ = tokenizers["meta700"]
+    target, _ = tokenizers["bytes500"]
+    other_specials = copy.deepcopy(target)
+    other_specials.eos_token = "Ġthe"  # an ordinary token becomes special: it spells nothing
+    assert other_specials.backend_tokenizer.to_str() == target.backend_tokenizer.to_str()
+    other_target, _ = tokenizers["bytes300"]
+    build_projection(source, target, cache=tmp_path)
+    for variant in (other_specials, other_target):
+        fresh = build_projection(source, variant)
+        assert not _same_tables(fresh, build_projection(source, target))
+        assert _same_tables(build_projection(source, variant, cache=tmp_path), fresh)
+    assert len(list(tmp_path.glob("byte-projection-*.npz"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not an npz", "tables missing"])
+def test_a_damaged_cache_entry_is_built_again_and_replaced(tokenizers, tmp_path, damage):
+    source, _ = tokenizers["meta700"]
+    target, _ = tokenizers["bytes500"]
+    fresh = build_projection(source, target)
+    build_projection(source, target, cache=tmp_path)
+    (file,) = tmp_path.glob("byte-projection-*.npz")
+    whole = file.read_bytes()
+    if damage == "truncated":
+        file.write_bytes(whole[: len(whole) // 2])
+    elif damage == "not an npz":
+        file.write_bytes(b"\x00garbage" * 10)
+    else:
+        np.savez(file, mid=np.zeros(3, np.int32))
+    assert _same_tables(build_projection(source, target, cache=tmp_path), fresh)
+    assert file.read_bytes() == whole  # the entry is whole again
+
+
+def _learned(model, tokenizer, text: str, steps: int = 40):
+    """``model`` after a few steps of next-token training on ``text`` (read after BOS)."""
+    ids = torch.tensor(
+        [[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]]
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    return model.eval()
 
 
 def test_the_backend_projects_its_own_full_distributions_chunk_by_chunk(tokenizers, tmp_path):
@@ -304,10 +450,14 @@ def test_the_backend_projects_its_own_full_distributions_chunk_by_chunk(tokenize
 
     source, source_kind = tokenizers["bytes300"]
     target, target_kind = tokenizers["meta700"]
-    folder = save_model_dir(tmp_path / "src", tiny_causal_lm("llama", len(source), seed=3), source)
+    # 1 MB holds ~145 positions: several chunks. After "instance" the target's next token runs
+    # past a source token that the target would not cut where it stopped (a piece of ’): the
+    # model learns that line, so the share it moves along the text is large enough to see
+    texts = [TEXTS[0] * 12, TEXTS[1] * 3, 'the new instance’s "__init__()" method']
+    learned = _learned(tiny_causal_lm("llama", len(source), seed=3), source, texts[2])
+    folder = save_model_dir(tmp_path / "src", learned, source)
     model = ModelConfig(path=str(folder), bos="always", logits_budget_mb=1)
     reader = HFTopK(model, "sources.0", num_gpus=0, top_k=5, read_bos=True)
-    texts = [TEXTS[0] * 12, TEXTS[1] * 3]  # 1 MB holds ~145 positions: several chunks
     projection = build_projection(source, target)
     pair = _Pair(source, source_kind, target, target_kind)
     sequences, plans = [], []
@@ -326,7 +476,8 @@ def test_the_backend_projects_its_own_full_distributions_chunk_by_chunk(tokenize
             )
         )
     assert max(len(s) for s in sequences) > 300
-    results = reader.read_projected(sequences, ["a", "b"], plans, projection)
+    assert any(((p.label >= 0) & (p.short < 0)).any() for p in plans)
+    results = reader.read_projected(sequences, ["a", "b", "c"], plans, projection)
     for text, sequence, result in zip(texts, sequences, results, strict=True):
         with torch.no_grad():
             read = torch.tensor([[source.bos_token_id, *sequence.tolist()]])

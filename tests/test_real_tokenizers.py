@@ -85,3 +85,47 @@ def test_bridge_maps_gpt2_top_k_into_mistral_ids(gpt2, mistral):
     world = gpt2.convert_tokens_to_ids("Ġworld")
     assert target_vocab[bridge.exact_ids[world]] == "▁world"
     assert bridge.exact_ids[gpt2.convert_tokens_to_ids("Ġhello")] == -1  # Mistral lacks "▁hello"
+
+
+# Sentence-initial words whose GPT-2 first token ends inside Mistral's first token (▁Hence:
+# H | ence), where GPT-2 cuts Mistral's token alone as it cuts the text (▁Con of Consequently
+# is cut "Con" alone but C | onsequ in the text: that one teaches along the text instead).
+SENTENCE_STARTS = ["Hence", "Boolean", "Dictionary", "Evaluation", "Identity", "Traceback"]
+
+
+def test_mistrals_first_token_after_its_bos_teaches_gpt2s_next_token(gpt2, mistral):
+    """Mistral spells a chunk's first word with a dummy ``▁``; where GPT-2's first token ends
+    inside that word, a one-hot on Mistral's own first token goes whole to GPT-2's next token
+    (the piece of the word that follows), never to nothing."""
+    import numpy as np
+    import torch
+
+    from fusion.align.projection import build_projection
+
+    projection = build_projection(mistral, gpt2)
+    for word in SENTENCE_STARTS:
+        text = f"{word} is the word."
+        source = mistral(text, add_special_tokens=False, return_offsets_mapping=True)
+        target = gpt2(text, add_special_tokens=False, return_offsets_mapping=True)
+        first = mistral.convert_ids_to_tokens(source["input_ids"][0])
+        spelled = first.removeprefix("▁").encode()
+        assert first.startswith("▁") and text.encode().startswith(spelled)
+        plan = projection.plan(
+            text,
+            np.asarray(target["input_ids"]),
+            np.asarray(target["offset_mapping"]),
+            np.asarray(source["input_ids"]),
+            np.asarray(source["offset_mapping"]),
+            True,
+        )
+        end = target["offset_mapping"][0][1]  # ASCII words: characters are bytes
+        assert end < len(spelled)  # GPT-2's first token ends inside Mistral's
+        assert plan.read_index[0] == 0 and plan.prefix[0] == end
+        one_hot = torch.zeros(1, len(mistral), dtype=torch.float64)
+        one_hot[0, source["input_ids"][0]] = 1.0
+        row = slice(0, 1)
+        out, mass = projection.project(
+            one_hot, plan.prefix[row], plan.lo[row], plan.hi[row], plan.view[row]
+        )
+        expected = target["input_ids"][1]  # GPT-2's next token: the word goes on
+        assert float(mass) == 1.0 and float(out[0, expected]) == 1.0, word

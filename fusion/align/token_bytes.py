@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_DUMMY_PROBE_BYTES = 32  # bytes of a tokenization's first tokens compared with its text
 
 
 def _byte_level_decoding() -> dict[str, int]:
@@ -78,21 +79,40 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return out
 
 
+def dummy_prefix(pieces: Sequence[bytes | None], data: bytes) -> bool:
+    """Whether a tokenization spells ``data`` with one space in front that the text lacks (a
+    dummy prefix: SentencePiece's ``▁`` before a text's first word, a ``Prepend`` normaliser,
+    ByteLevel ``add_prefix_space``), judged on its first tokens' bytes."""
+    head = b""
+    for piece in pieces:
+        head += piece or b""
+        if len(head) > _DUMMY_PROBE_BYTES:
+            break
+    return head[:1] == b" " and not data.startswith(head) and data.startswith(head[1:])
+
+
 def byte_ends(
     pieces: Sequence[bytes | None], text: str, offsets: Sequence[Sequence[int]]
 ) -> np.ndarray:
     """Where each token ends in ``text``'s UTF-8 bytes, spans taken end to end.
 
-    A token whose bytes are the text's next bytes takes exactly those (pieces of one
+    A dummy prefix (:func:`dummy_prefix`) has no width: the first token's leading space is not
+    text. A token whose bytes are the text's next bytes takes exactly those (pieces of one
     multi-byte character included); one that differs only by a leading space the text lacks
-    (a dummy prefix) takes the rest; any other (normalised text, unknown tokens) ends where
-    its character offsets say. ``pieces`` are the tokens' bytes (``None``: no text).
+    takes the rest; any other (normalised text, unknown tokens) ends where its character
+    offsets say. ``pieces`` are the tokens' bytes (``None``: no text).
     """
     data = text.encode("utf-8")
     char_bytes: np.ndarray | None = None
     ends = np.empty(len(pieces), dtype=np.int64)
     cursor = 0
+    dummy = dummy_prefix(pieces, data)
     for t, piece in enumerate(pieces):
+        if dummy and piece:
+            piece, dummy = piece[1:], False
+            if not piece:
+                ends[t] = cursor
+                continue
         if piece:
             if data.startswith(piece, cursor):
                 cursor += len(piece)

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from fusion import __version__
-from fusion.config import FusionConfig
+from fusion.config import FusionConfig, SourceConfig
 from fusion.data.corpus import Shard
 from fusion.models.loading import model_tokenizer, training_bos, vocab_fingerprint
 from fusion.teacher.diagnostics import add_counts, diagnostics
@@ -53,17 +53,23 @@ def fingerprint(config: FusionConfig) -> str:
         "target": config.target.model_dump(
             include={"path", "dtype", "attention", "as_teacher", "gguf_file", "bos"}
         ),
-        "sources": [
-            s.model_dump(
-                include={"name", "path", "dtype", "attention", "backend", "gguf_file", "bos"}
-            )
-            for s in config.sources
-        ],
+        "sources": [_source_settings(s) for s in config.sources],
         "data": config.data.model_dump(exclude={"block_chunks", "readers"}),
         "align": config.align.model_dump(exclude={"map_cache"}),
         "fuse": config.fuse.model_dump(),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _source_settings(source: SourceConfig) -> dict:
+    """A source's settings that change its columns. ``max_length`` enters only where it is
+    set, so data sets prepared before it was part of the fingerprint keep theirs."""
+    settings = source.model_dump(
+        include={"name", "path", "dtype", "attention", "backend", "gguf_file", "bos"}
+    )
+    if source.max_length is not None:
+        settings["max_length"] = source.max_length
+    return settings
 
 
 def candidates(config: FusionConfig) -> list[str]:

@@ -244,7 +244,7 @@ class _Projector:
 
         probs = probabilities([(r, self.plans[r].read_index[w]) for r, w in asked])
         target, total = self.projection.project(
-            probs, field("prefix"), field("lo"), field("hi"), field("at_start")
+            probs, field("prefix"), field("lo"), field("hi"), field("view")
         )
         labels, shorts = field("label"), field("short")
         k = min(self.top_k, target.shape[1])

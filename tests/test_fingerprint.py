@@ -1,0 +1,138 @@
+"""The data set's fingerprint covers every setting that changes the stored rows: a re-run with
+any one of them changed is refused on the same output, and one that changes only resources,
+placement or logging goes on where it stopped."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from fusion.config import (
+    AlignConfig,
+    DataConfig,
+    FuseConfig,
+    SourceConfig,
+    TargetConfig,
+    parse_config,
+)
+from fusion.teacher.contract import fingerprint
+from fusion.teacher.output import OutputDir, OutputError
+
+BASE = {
+    "target": {"path": "models/target"},
+    "sources": [{"name": "coder", "path": "models/coder"}],
+    "data": {"paths": ["corpus/a.jsonl"]},
+    "align": {"mode": "clean", "method": "offsets"},
+    "output": {"dir": "out"},
+}
+
+# Every field of the sections the rows depend on, with a value other than the base's.
+CHANGES_ROWS = {
+    "target.path": "models/other",
+    "target.dtype": "bfloat16",
+    "target.attention": "sdpa",
+    "target.gguf_file": "model.gguf",
+    "target.bos": "never",
+    "target.as_teacher": False,
+    "sources.0.name": "writer",
+    "sources.0.path": "models/other",
+    "sources.0.dtype": "float16",
+    "sources.0.attention": "sdpa",
+    "sources.0.gguf_file": "model.gguf",
+    "sources.0.bos": "always",
+    "sources.0.backend": "vllm",
+    "sources.0.max_length": 64,
+    "data.paths": ["corpus/b.jsonl"],
+    "data.format": "text",
+    "data.text_field": "body",
+    "data.id_field": "doc",
+    "data.domain_field": "kind",
+    "data.max_length": 512,
+    "data.shard_mb": 8.0,
+    "align.method": "bytes",
+    "align.vocab_map": "exact",
+    "align.mode": "reference",
+    "align.top_k": 5,
+    "fuse.method": "avg_ce",
+    "fuse.granularity": "token",
+    "fuse.ce_unit": "token",
+    "fuse.no_teacher": "mask",
+}
+KEEPS_ROWS = {
+    "target.gpu_memory_fraction": 0.5,
+    "target.device": "cpu",
+    "target.trust_remote_code": True,
+    "target.allow_pickle": True,
+    "target.cpu_threads": 3,
+    "target.logits_budget_mb": 32,
+    "target.actors": 2,
+    "target.num_cpus": 0.5,
+    "target.num_gpus": 1.0,
+    "target.batch_size": 2,
+    "sources.0.gpu_memory_fraction": 0.5,
+    "sources.0.device": "cpu",
+    "sources.0.trust_remote_code": True,
+    "sources.0.allow_pickle": True,
+    "sources.0.cpu_threads": 3,
+    "sources.0.logits_budget_mb": 32,
+    "sources.0.actors": 2,
+    "sources.0.align_actors": 3,
+    "sources.0.num_cpus": 0.5,
+    "sources.0.num_gpus": 1.0,
+    "sources.0.batch_size": 2,
+    "data.block_chunks": 8,
+    "data.readers": 2,
+    "align.map_cache": None,
+}
+# A benchmark stand-in's speed: valid only with backend 'simulated', whose rows it never sets.
+WITH_ITS_BACKEND = {"sources.0.simulated_tokens_per_s"}
+
+
+def _changed(dotted: str, value) -> dict:
+    raw = copy.deepcopy(BASE)
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+    node[leaf] = value
+    return raw
+
+
+def test_every_field_is_classified_as_changing_the_rows_or_not():
+    sections = {
+        "target": TargetConfig,
+        "sources.0": SourceConfig,
+        "data": DataConfig,
+        "align": AlignConfig,
+        "fuse": FuseConfig,
+    }
+    fields = {f"{prefix}.{name}" for prefix, cls in sections.items() for name in cls.model_fields}
+    classified = [*CHANGES_ROWS, *KEEPS_ROWS, *WITH_ITS_BACKEND]
+    assert len(classified) == len(set(classified))
+    assert set(classified) == fields
+
+
+@pytest.mark.parametrize(("field", "value"), list(CHANGES_ROWS.items()))
+def test_a_rerun_with_a_setting_that_changes_the_rows_is_refused(tmp_path, field, value):
+    base, changed = parse_config(BASE), parse_config(_changed(field, value))
+    out = OutputDir(str(tmp_path / "out"))
+    out.claim(fingerprint(base), base.model_dump(mode="json"))
+    with pytest.raises(OutputError, match="holds another run"):
+        out.claim(fingerprint(changed), changed.model_dump(mode="json"))
+
+
+@pytest.mark.parametrize(("field", "value"), list(KEEPS_ROWS.items()))
+def test_a_rerun_with_other_resources_goes_on_with_the_same_output(tmp_path, field, value):
+    base, changed = parse_config(BASE), parse_config(_changed(field, value))
+    out = OutputDir(str(tmp_path / "out"))
+    out.claim(fingerprint(base), base.model_dump(mode="json"))
+    (tmp_path / "out" / "data" / "part.parquet").write_bytes(b"kept")
+    out.claim(fingerprint(changed), changed.model_dump(mode="json"))
+    assert (tmp_path / "out" / "data" / "part.parquet").read_bytes() == b"kept"
+
+
+def test_a_source_without_max_length_keeps_the_fingerprint_it_had():
+    """Data sets prepared before a source's max_length entered the fingerprint are still
+    their config's own: the base config's hash as the code before that change computed it."""
+    assert fingerprint(parse_config(BASE)) == "cb1de6d2fdc8306d"
