@@ -111,6 +111,12 @@ def eval_command(
         Path | None, typer.Option("--output", "-o", help="Also write the results as JSON here.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    documents: Annotated[
+        bool,
+        typer.Option(
+            help="Also write each document's NLL and bytes to --output (for paired verdicts)."
+        ),
+    ] = False,
 ) -> None:
     """Bits per byte and perplexity of local models on held-out corpora, per domain and average."""
     import json
@@ -121,6 +127,8 @@ def eval_command(
 
     if dtype not in DTYPES:
         raise _fail(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if documents and output is None:
+        raise _fail("--documents writes to the JSON file: give --output too")
     if device not in ("cpu", "cuda"):
         raise _fail(f"--device {device!r}: expected cpu or cuda")
 
@@ -146,6 +154,7 @@ def eval_command(
             device=device,
             dtype=dtype,
             echo=None if quiet else lambda line: typer.echo(line, err=True),
+            documents=documents,
         )
     except FusionError as error:
         raise _fail(error) from None
@@ -288,6 +297,10 @@ def refuse(
         bool | None,
         typer.Option("--target/--no-target", help="Keep or drop the target as a candidate."),
     ] = None,
+    drop: Annotated[
+        list[str] | None,
+        typer.Option("--drop", help="Leave this source out of the candidates. Repeatable."),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Delete an output folder that holds another run.")
     ] = False,
@@ -304,7 +317,9 @@ def refuse(
     options["no_teacher"] = no_teacher
     changes = {key: value for key, value in options.items() if value is not None}
     try:
-        summary = run_refuse(data_dir, out_dir, changes, with_target=target, overwrite=overwrite)
+        summary = run_refuse(
+            data_dir, out_dir, changes, with_target=target, drop=drop or (), overwrite=overwrite
+        )
         typer.echo(f"fused {summary.output_dir}: {summary.line()}")
         typer.echo("\n".join(inspect_lines(out_dir)))
     except FusionError as error:

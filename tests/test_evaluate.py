@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -77,6 +78,17 @@ def test_eval_cli_prints_a_table_and_writes_json(model_dirs, tmp_path):
         app, ["eval", "-m", f"t={model_dirs['target']}", "-d", f"prose={corpus}", "--quiet"]
     )
     assert quiet.exit_code == 0 and "tok/s" not in quiet.output, quiet.output
+    per_document = runner.invoke(
+        app,
+        ["eval", "-m", f"t={model_dirs['target']}", "-d", f"prose={corpus}", "-q", "--documents"],
+    )
+    assert per_document.exit_code == 2 and "give --output too" in per_document.output
+    args = ["eval", "-m", f"t={model_dirs['target']}", "-d", f"prose={corpus}", "-q", "-o"]
+    assert runner.invoke(app, [*args, str(out), "--documents"]).exit_code == 0
+    documents = json.loads(out.read_text())["t"]["documents"]["prose"]
+    assert documents["bytes"] == [len(TEXTS[1].encode())]
+    bpb = documents["nll"][0] / math.log(2) / documents["bytes"][0]
+    assert bpb == pytest.approx(saved["t"]["bpb"]["prose"], abs=1e-5)  # reported to 5 places
 
 
 def test_eval_refuses_an_ensemble_of_different_vocabularies(model_dirs, tmp_path):
@@ -118,3 +130,29 @@ def test_eval_refuses_an_unknown_dtype_or_device_in_one_line(tmp_path):
         )
         assert result.exit_code == 2
         assert result.output.strip() == f"error: {expected}"
+
+
+def test_each_documents_nll_is_the_sum_over_its_own_windows(model_dirs):
+    """Per document (what a paired bootstrap resamples): the NLL of its windows of 8 tokens,
+    each read after BOS, computed here window by window with the model's own loss."""
+    from transformers import AutoModelForCausalLM
+
+    from fusion.models.loading import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["target"]).eval()
+    tokenizer = load_tokenizer(model_dirs["target"])
+    expected = []
+    for text in TEXTS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        total = 0.0
+        for start in range(0, len(ids), 7):
+            window = torch.tensor([[tokenizer.bos_token_id, *ids[start : start + 7]]])
+            with torch.no_grad():
+                total += model(input_ids=window, labels=window).loss.item() * (window.shape[1] - 1)
+        expected.append(total)
+    assert len(tokenizer(TEXTS[1], add_special_tokens=False)["input_ids"]) > 7  # several windows
+    result = score([model], tokenizer, TEXTS, max_length=8, batch_size=3)
+    assert result.document_bytes == tuple(len(t.encode()) for t in TEXTS)
+    for got, want in zip(result.document_nll, expected, strict=True):
+        assert math.isclose(got, want, rel_tol=1e-4)
+    assert math.isclose(result.nll, sum(expected), rel_tol=1e-4)

@@ -349,6 +349,41 @@ def test_a_source_actor_dying_mid_batch_is_restarted_and_no_row_is_lost_or_repea
         assert got[name].to_pylist() == expected[name].to_pylist(), name
 
 
+def test_refuse_without_a_source_keeps_every_other_choice_and_drops_its_columns(prepared, tmp_path):
+    """`fusion refuse --drop NAME`: MinCE over the other candidates picks, wherever the full
+    fusion did not pick NAME, the candidate it picked there (the writer wins every row here:
+    dropping the coder keeps each choice, dropping the writer moves every one); NAME's columns
+    are gone; a name the data set lacks, or dropping every source, is refused."""
+    _, _, out = prepared
+    full = json.loads((out / "manifest.json").read_text())["candidates"]
+    before = {r["id"]: r for r in pq.read_table(out / "data").to_pylist()}
+    for dropped in ("coder", "writer"):
+        refused = tmp_path / f"no-{dropped}"
+        result = CliRunner().invoke(app, ["refuse", str(out), str(refused), "--drop", dropped])
+        assert result.exit_code == 0, result.output
+        kept = json.loads((refused / "manifest.json").read_text())["candidates"]
+        assert kept == [name for name in full if name != dropped]
+        after = pq.read_table(refused / "data")
+        assert not [c for c in after.column_names if c.startswith(f"{dropped}.")]
+        kept_choices = moved = 0
+        for row in after.to_pylist():
+            old = before[row["id"]]["fused.choice"]
+            for t, choice in enumerate(row["fused.choice"]):
+                if choice >= 0:
+                    assert row["fused.topk_ids"][t] == row[f"{kept[choice]}.topk_ids"][t]
+                if old[t] >= 0 and full[old[t]] != dropped:
+                    assert kept[choice] == full[old[t]]
+                    kept_choices += 1
+                moved += old[t] >= 0 and full[old[t]] == dropped and choice >= 0
+        assert (kept_choices > 1000) if dropped == "coder" else (moved > 1000)
+    unknown = CliRunner().invoke(app, ["refuse", str(out), str(tmp_path / "x"), "--drop", "poet"])
+    assert unknown.exit_code == 2 and "holds no such source" in unknown.output
+    every = ["refuse", str(out), str(tmp_path / "y")]
+    every += ["--drop", "coder", "--drop", "writer", "--drop", "counter"]
+    nothing = CliRunner().invoke(app, every)
+    assert nothing.exit_code == 2 and "leaves no source" in nothing.output
+
+
 def test_another_config_on_the_same_output_is_refused(world, prepared):
     _, _, out = prepared
     raw = _raw_config(world, out)

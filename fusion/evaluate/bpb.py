@@ -28,9 +28,11 @@ def evaluate(
     device: str = "cpu",
     dtype: str = "auto",
     echo: Callable[[str], None] | None = None,
+    documents: bool = False,
 ) -> dict[str, dict]:
     """Per named model (one folder) or ensemble (several sharing a vocabulary): bpb and ppl;
-    ``echo`` hears a progress line (tokens, rate, time left) every few seconds per model.
+    ``echo`` hears a progress line (tokens, rate, time left) every few seconds per model;
+    ``documents`` adds each document's NLL and bytes (for paired verdicts).
 
     Returns ``{name: {"bpb": {domain: float}, "perplexity": {domain: float},
     "avg_bpb": float}}``.
@@ -67,7 +69,7 @@ def evaluate(
             for domain, domain_texts in texts.items()
         }
         report.finish()
-        results[name] = summarise(scores)
+        results[name] = summarise(scores, documents=documents)
     return results
 
 

@@ -29,11 +29,14 @@ class EvalError(FusionError):
 
 @dataclass(frozen=True)
 class Score:
-    """A model's summed negative log-likelihood over a corpus, and what it covered."""
+    """A model's summed negative log-likelihood over a corpus, and what it covered; per
+    document, its NLL and UTF-8 bytes (what a paired bootstrap resamples)."""
 
     nll: float
     tokens: int
     bytes: int
+    document_nll: tuple[float, ...] = ()
+    document_bytes: tuple[int, ...] = ()
 
     @property
     def bpb(self) -> float:
@@ -66,9 +69,18 @@ def _prefix_id(tokenizer) -> int:
 
 def windows(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
     """Each text's token ids cut into windows of ``max_length``, each starting with BOS."""
+    return [window for _, window in _numbered_windows(tokenizer, texts, max_length)]
+
+
+def _numbered_windows(tokenizer, texts: Sequence[str], max_length: int):
+    """:func:`windows`, each with the index of the text it comes from."""
     prefix, step = _prefix_id(tokenizer), max_length - 1
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return [[prefix, *ids[i : i + step]] for ids in encoded for i in range(0, len(ids), step)]
+    return [
+        (index, [prefix, *ids[i : i + step]])
+        for index, ids in enumerate(encoded)
+        for i in range(0, len(ids), step)
+    ]
 
 
 @torch.no_grad()
@@ -85,8 +97,10 @@ def score(
     ``on_batch`` hears the tokens of every batch scored."""
     device = next(models[0].parameters()).device
     heads = [ChunkedHead(model, masked=None) for model in models]
-    pieces = sorted(windows(tokenizer, texts, max_length), key=len)
-    nll, tokens = 0.0, 0
+    numbered = sorted(_numbered_windows(tokenizer, texts, max_length), key=lambda w: len(w[1]))
+    pieces = [window for _, window in numbered]
+    per_document = torch.zeros(len(texts), dtype=torch.float64)
+    tokens = 0
     for start in range(0, len(pieces), batch_size):
         batch = pieces[start : start + batch_size]
         width = max(map(len, batch))
@@ -102,19 +116,34 @@ def score(
             per_model.append((reading.label_logit - reading.lse)[:, :-1])
         log_probs = torch.logsumexp(torch.stack(per_model), dim=0) - math.log(len(models))
         real = mask[:, 1:].bool()
-        nll -= float(log_probs[real].double().sum())
+        owners = torch.tensor([index for index, _ in numbered[start : start + batch_size]])
+        window_nll = -torch.where(real, log_probs.double(), 0.0).sum(-1).cpu()
+        per_document.index_add_(0, owners, window_nll)
         tokens += int(real.sum())
         if on_batch is not None:
             on_batch(int(real.sum()))
-    size = sum(len(text.encode("utf-8")) for text in texts)
-    return Score(nll=nll, tokens=tokens, bytes=size)
+    sizes = tuple(len(text.encode("utf-8")) for text in texts)
+    return Score(
+        nll=float(per_document.sum()),
+        tokens=tokens,
+        bytes=sum(sizes),
+        document_nll=tuple(per_document.tolist()),
+        document_bytes=sizes,
+    )
 
 
-def summarise(scores: Mapping[str, Score]) -> dict:
-    """The report entry of one model: bpb and perplexity per domain, and average bpb."""
+def summarise(scores: Mapping[str, Score], *, documents: bool = False) -> dict:
+    """The report entry of one model: bpb and perplexity per domain, and average bpb; with
+    ``documents``, each domain's per-document NLL (nats) and bytes too."""
     bpb = {domain: round(s.bpb, 5) for domain, s in scores.items()}
-    return {
+    entry = {
         "bpb": bpb,
         "perplexity": {domain: round(s.perplexity, 4) for domain, s in scores.items()},
         "avg_bpb": round(sum(bpb.values()) / len(bpb), 5),
     }
+    if documents:
+        entry["documents"] = {
+            domain: {"nll": list(s.document_nll), "bytes": list(s.document_bytes)}
+            for domain, s in scores.items()
+        }
+    return entry

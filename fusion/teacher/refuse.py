@@ -11,7 +11,7 @@ other; a killed run resumes part by part.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -39,12 +39,14 @@ def refuse(
     fuse: Mapping[str, object],
     *,
     with_target: bool | None = None,
+    drop: Sequence[str] = (),
     overwrite: bool = False,
 ) -> PrepareSummary:
     """Fuse the candidates of the prepared data set in ``data_dir`` into ``out_dir`` with its
     ``fuse`` settings changed by ``fuse`` (e.g. ``{"method": "avg_ce"}``).
     ``with_target=False`` leaves the target's own distribution out of the candidates
-    (``None`` keeps the data set's choice)."""
+    (``None`` keeps the data set's choice); ``drop`` leaves out the sources it names (their
+    columns too): "without this source" from one prepare, no model run."""
     started = time.perf_counter()
     source = Path(data_dir)
     manifest = complete_manifest(source, RefuseError, "run `fusion prepare` first")
@@ -57,6 +59,18 @@ def refuse(
     target = config.target.model_copy(
         update={"as_teacher": config.target.as_teacher if with_target is None else with_target}
     )
+    sources = [s.name for s in config.sources]
+    if unknown := [name for name in drop if name not in sources]:
+        raise RefuseError(
+            f"--drop {', '.join(unknown)}: {source} holds no such source (its sources: "
+            f"{', '.join(sources)})"
+        )
+    kept = [s for s in config.sources if s.name not in drop]
+    if not kept:
+        raise RefuseError(
+            f"--drop {', '.join(drop)} leaves no source; keep at least one (a data set without "
+            "sources is CLM with the target's own distribution: train with train.teacher target)"
+        )
     try:
         changed = FuseConfig.model_validate(config.fuse.model_dump() | dict(fuse))
     except ValidationError as error:
@@ -66,6 +80,7 @@ def refuse(
     config = config.model_copy(
         update={
             "target": target,
+            "sources": kept,
             "fuse": changed,
             "output": config.output.model_copy(update={"dir": str(out_dir)}),
         }
