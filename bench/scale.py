@@ -139,18 +139,17 @@ def stage_costs(root: Path, out: Path) -> dict[str, float]:
         aligner = AlignStage(source.name, bridges[source.name], config.align)
         batch = timed("align, offsets (per source)", aligner, batch)
     names = candidates(config)
+    vocab = len(load_tokenizer(config.target.path))
     batch = timed(
         "fuse (4 sources)",
-        lambda: fuse_batch(batch, names, config.fuse, config.align.mode),
+        lambda: fuse_batch(batch, names, config.fuse, config.align.mode, vocab),
     )
     table_schema = schema([*names, FUSED], TOP_K)
     (out / "data").mkdir(parents=True)
     (out / "commits").mkdir()
     timed(
         "write Parquet (4 sources)",
-        lambda: write_batch(
-            batch, str(out), table_schema, TOP_K, names, len(load_tokenizer(config.target.path))
-        ),
+        lambda: write_batch(batch, str(out), table_schema, TOP_K, names, vocab),
     )
     per_token = {name: seconds / tokens for name, seconds in costs.items()}
     for name in per_token:

@@ -290,7 +290,12 @@ def refuse(
     data_dir: Annotated[Path, typer.Argument(help="A prepared data folder to fuse again.")],
     out_dir: Annotated[Path, typer.Argument(help="Folder for the re-fused data set.")],
     method: Annotated[str | None, typer.Option(help="min_ce or avg_ce.")] = None,
-    granularity: Annotated[str | None, typer.Option(help="token or sequence.")] = None,
+    granularity: Annotated[
+        str | None, typer.Option(help="sequence, token, window or prefix (see fuse.granularity).")
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option(help="Positions per block (window) or looked back on (prefix).")
+    ] = None,
     ce_unit: Annotated[str | None, typer.Option(help="auto, token or byte.")] = None,
     no_teacher: Annotated[str | None, typer.Option(help="one_hot or mask.")] = None,
     target: Annotated[
@@ -313,7 +318,7 @@ def refuse(
     from fusion.teacher.inspect import inspect_lines
     from fusion.teacher.refuse import refuse as run_refuse
 
-    options = {"method": method, "granularity": granularity, "ce_unit": ce_unit}
+    options = {"method": method, "granularity": granularity, "ce_unit": ce_unit, "window": window}
     options["no_teacher"] = no_teacher
     changes = {key: value for key, value in options.items() if value is not None}
     try:

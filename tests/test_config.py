@@ -71,6 +71,11 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     [
         (_raw(**{"target.dtyp": "bfloat16"}), "target.dtyp: unknown key"),
         (
+            _raw(**{"fuse.granularity": "prefix"}),
+            r"fuse.granularity 'prefix' scores candidates .* set align.mode: clean",
+        ),
+        (_raw(**{"fuse.window": 0}), r"fuse.window: .*greater than or equal to 1"),
+        (
             _raw(**{"sources.0.actors": 0}),
             r"sources.0.actors: .*greater than or equal to 1 \(got 0\)",
         ),

@@ -11,6 +11,7 @@ from fusion.teacher.fuse import (
     NO_TEACHER,
     avg_ce_weights,
     fuse_topk,
+    local_ce,
     min_ce_choice,
     topk_token_ce,
 )
@@ -177,3 +178,15 @@ def test_clean_per_sequence_min_ce_fills_the_winner_s_gaps_with_the_next_real_ca
     reference = fuse_topk(ids, logits, ce, mode="reference", aligned=aligned, fallback_ids=labels)
     assert reference.ids.tolist() == ids[1].tolist()
     assert reference.choice.tolist() == [NO_TEACHER, 1, NO_TEACHER]
+
+
+def test_local_ce_is_a_block_or_a_look_back_mean_that_skips_missing_positions():
+    """A has NLL 1 2 . 4 5, B 3 . . . 1 (. none). Blocks of 2: A 1.5 1.5 4 4 5; B 3 3, then
+    nothing in block 1 (A's 4 stands in), then 1. Looking back 2: nothing at 0 (both 0), then
+    A 1, 1.5, 2, 4 and B 3, 3, then A's 2 and 4 where B has nothing before."""
+    nan = np.nan
+    nll = np.asarray([[1, 2, nan, 4, 5], [3, nan, nan, nan, 1]], dtype=float)
+    blocks = local_ce(nll, 2, causal=False)
+    np.testing.assert_allclose(blocks, [[1.5, 1.5, 4, 4, 5], [3, 3, 4, 4, 1]])
+    back = local_ce(nll, 2, causal=True)
+    np.testing.assert_allclose(back, [[0, 1, 1.5, 2, 4], [0, 3, 3, 2, 4]])

@@ -28,6 +28,7 @@ from fusion.models.loading import load_tokenizer
 from fusion.teacher.backends.hf import HFTopK
 from fusion.teacher.fuse import NO_TEACHER
 from fusion.teacher.pipeline import build_bridges, build_projections, prepare
+from fusion.teacher.refuse import refuse
 from fusion.teacher.stages import align_row
 from fusion.testing.toy import save_model_dir, tiny_causal_lm, train_tokenizer
 
@@ -188,12 +189,14 @@ def test_bytes_method_stores_each_sources_projection_as_the_backend_computes_it(
     world, ray_cluster, tmp_path
 ):
     """align.method bytes: every source teaches at every target position of the text, in
-    target ids, as HFTopK.read_projected gives it; the manifest reports fidelity."""
+    target ids, as HFTopK.read_projected gives it; the manifest reports fidelity. Fused by
+    the look-back mixture, which scores the stored (float16) distributions: fusing the data
+    set again from its files gives the same fused columns."""
     raw = _raw_config(
         world,
         tmp_path / "out",
         align={"method": "bytes", "mode": "clean", "map_cache": str(tmp_path / "maps")},
-        fuse={"method": "min_ce", "granularity": "token"},
+        fuse={"method": "avg_ce", "granularity": "prefix", "window": 8},
     )
     raw["data"]["paths"] = [str(world / "corpus" / "a.jsonl")]
     raw["sources"] = [s for s in raw["sources"] if s["name"] in ("coder", "counter")]
@@ -232,6 +235,11 @@ def test_bytes_method_stores_each_sources_projection_as_the_backend_computes_it(
             assert np.array_equal(stored, got.logits.astype(np.float16).astype(np.float32))
             tail = np.asarray(row[f"{source.name}.tail"], dtype=np.float32)[:n]
             assert np.array_equal(tail, got.tail.astype(np.float16).astype(np.float32))
+    refuse(out, tmp_path / "again", {})
+    again = pq.read_table(tmp_path / "again" / "data").sort_by("id")
+    first = pq.read_table(out / "data").sort_by("id")
+    for column in ("fused.topk_ids", "fused.topk_logits", "fused.tail", "fused.choice"):
+        assert again[column].to_pylist() == first[column].to_pylist(), column
 
 
 def test_rerun_on_a_complete_output_does_nothing_and_keeps_the_files(prepared):

@@ -74,6 +74,16 @@ class FusionConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _local_rules_are_clean(self) -> FusionConfig:
+        if self.fuse.granularity in ("window", "prefix") and self.align.mode != "clean":
+            raise ValueError(
+                f"fuse.granularity {self.fuse.granularity!r} scores candidates on their stored "
+                "distributions, a clean-mode rule (the reference chooses per sequence or per "
+                "token): set align.mode: clean"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _projection_needs(self) -> FusionConfig:
         if self.align.method == "auto":
             return self.model_copy(

@@ -62,8 +62,14 @@ class FuseConfig(Strict):
 
     method: Literal["min_ce", "avg_ce"] = "min_ce"
     """MinCE takes the candidate with the lowest CE; AvgCE mixes them."""
-    granularity: Literal["sequence", "token"] = "sequence"
-    """Choose once per chunk or per position."""
+    granularity: Literal["sequence", "token", "window", "prefix"] = "sequence"
+    """Choose once per chunk, per position, per block of ``window`` positions (each candidate
+    scored by its stored distribution's CE on the block's next tokens), or at each position
+    from the ``window`` positions before it ('prefix': the candidates that have predicted this
+    text best so far, the label at the position itself unseen). 'window' and 'prefix' are
+    clean-mode rules."""
+    window: Annotated[int, Field(ge=1)] = 32
+    """Positions per block ('window') or looked back on ('prefix')."""
     ce_unit: Literal["auto", "token", "byte"] = "auto"
     """What a per-sequence CE is divided by: 'token' (the reference: each model's mean NLL
     per token of its own tokenization, which favours tokenizers that split more) or 'byte'

@@ -16,11 +16,8 @@ import math
 
 import numpy as np
 
-from fusion.teacher.fuse import MIXED, NO_TEACHER, topk_token_ce
+from fusion.teacher.fuse import MIXED, NO_TEACHER, as_stored, label_nll, topk_token_ce
 from fusion.teacher.rows import FUSED, candidate_aligned, next_tokens
-
-SMALLEST_TAIL = 2.0**-24  # float16's smallest step: a stored tail of 0 counts as this
-
 
 def label_bytes(text: str, offsets: np.ndarray, length: int) -> np.ndarray:
     """UTF-8 bytes of the token each position predicts, spans end to end (a token owns the
@@ -32,33 +29,11 @@ def label_bytes(text: str, offsets: np.ndarray, length: int) -> np.ndarray:
     return sizes
 
 
-def label_nll(
-    ids: np.ndarray, logits: np.ndarray, tail: np.ndarray, labels: np.ndarray, vocab_size: int
-) -> np.ndarray:
-    """Per position, ``-log p(label)`` (nats) of a stored distribution: its top-k renormalised
-    and scaled by ``1 - tail`` where the label is kept, else ``tail`` spread evenly over the
-    ids the top-k does not hold (NaN where there is no label)."""
-    ids, logits = np.asarray(ids), np.asarray(logits, np.float64)
-    tail = np.maximum(np.asarray(tail, np.float64), SMALLEST_TAIL)
-    present = (ids >= 0) & (logits > -np.inf)
-    renormalised = topk_token_ce(ids, logits, labels)  # -log of the top-k's share; inf: absent
-    kept = -np.log1p(-np.minimum(tail, 1.0 - SMALLEST_TAIL)) + renormalised
-    spread = -np.log(tail / np.maximum(vocab_size - present.sum(axis=1), 1))
-    out = np.where(np.isfinite(renormalised), kept, spread)
-    return np.where(np.asarray(labels) >= 0, out, np.nan)
-
-
-def _as_stored(values) -> np.ndarray:
-    """Values as the data set stores them (float16): counts describe what training reads, and
-    `fusion refuse` of a data set counts the same."""
-    return np.asarray(values, dtype=np.float16).astype(np.float64)
-
-
 def _distribution_nll(batch: dict, name: str, row: int, labels, vocab_size: int) -> np.ndarray:
     return label_nll(
         batch[f"{name}.topk_ids"][row],
-        _as_stored(batch[f"{name}.topk_logits"][row]),
-        _as_stored(batch[f"{name}.tail"][row]),
+        as_stored(batch[f"{name}.topk_logits"][row]),
+        as_stored(batch[f"{name}.tail"][row]),
         labels,
         vocab_size,
     )

@@ -102,6 +102,56 @@ def topk_token_ce(
     return np.where(hit.any(axis=1), log_norm - label_logit, np.inf)
 
 
+SMALLEST_TAIL = 2.0**-24  # float16's smallest step: a stored tail of 0 counts as this
+
+
+def as_stored(values) -> np.ndarray:
+    """Values as the data set stores them (float16): what training reads, and what a
+    `fusion refuse` of the data set reads back, so both fuse and count alike."""
+    return np.asarray(values, dtype=np.float16).astype(np.float64)
+
+
+def label_nll(
+    ids: np.ndarray, logits: np.ndarray, tail: np.ndarray, labels: np.ndarray, vocab_size: int
+) -> np.ndarray:
+    """Per position, ``-log p(label)`` (nats) of a stored distribution: its top-k renormalised
+    and scaled by ``1 - tail`` where the label is kept, else ``tail`` spread evenly over the
+    ids the top-k does not hold (NaN where there is no label)."""
+    ids, logits = np.asarray(ids), np.asarray(logits, np.float64)
+    tail = np.maximum(np.asarray(tail, np.float64), SMALLEST_TAIL)
+    present = (ids >= 0) & (logits > -np.inf)
+    renormalised = topk_token_ce(ids, logits, labels)  # -log of the top-k's share; inf: absent
+    kept = -np.log1p(-np.minimum(tail, 1.0 - SMALLEST_TAIL)) + renormalised
+    spread = -np.log(tail / np.maximum(vocab_size - present.sum(axis=1), 1))
+    out = np.where(np.isfinite(renormalised), kept, spread)
+    return np.where(np.asarray(labels) >= 0, out, np.nan)
+
+
+def local_ce(nll: np.ndarray, window: int, *, causal: bool) -> np.ndarray:
+    """``[C, L]`` CE of each candidate around each position, from its label NLL ``[C, L]``
+    (NaN where it has none): the mean over the position's block of ``window`` positions, or
+    with ``causal`` over the ``window`` positions before it (the label at the position itself
+    unseen). Where a candidate has no NLL there, the mean of the others' (all equal: 0)."""
+    nll = np.asarray(nll, np.float64)
+    candidates, length = nll.shape
+    known = np.isfinite(nll)
+    sums = np.concatenate([np.zeros((candidates, 1)), np.cumsum(np.where(known, nll, 0), 1)], 1)
+    counts = np.concatenate([np.zeros((candidates, 1)), np.cumsum(known, 1)], 1)
+    positions = np.arange(length)
+    if causal:
+        start, stop = np.maximum(positions - window, 0), positions
+    else:
+        start = positions // window * window
+        stop = np.minimum(start + window, length)
+    total = sums[:, stop] - sums[:, start]
+    count = counts[:, stop] - counts[:, start]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ce = total / count
+    seen = count > 0
+    others = np.where(seen, ce, 0.0).sum(0) / np.maximum(seen.sum(0), 1)
+    return np.where(seen, ce, others[None, :])
+
+
 @dataclass(frozen=True)
 class FusedTopK:
     """The fused teacher: ``ids``/``logits`` ``[L, k]`` and ``choice`` ``[L]`` per position:

@@ -174,6 +174,7 @@ def teacher_dataset(
             "candidates": candidates(config),
             "fuse": config.fuse,
             "mode": config.align.mode,
+            "vocab_size": len(vocab_list(model_tokenizer(config.target))),
         },
         num_cpus=SMALL_CPU,
     )

@@ -109,8 +109,7 @@ def refuse(
         )
         batch["shard"] = [shard.index] * table.num_rows
         batch["shard_total"] = [table.num_rows] * table.num_rows
-        fused = fuse_batch(batch, names, config.fuse, config.align.mode)
-        write_batch(
-            fused, out.path, table_schema, config.align.top_k, names, len(vocab_list(tokenizer))
-        )
+        vocab_size = len(vocab_list(tokenizer))
+        fused = fuse_batch(batch, names, config.fuse, config.align.mode, vocab_size)
+        write_batch(fused, out.path, table_schema, config.align.top_k, names, vocab_size)
     return finish(out, config, out.progress(), shards, 0, started, resolved)

@@ -26,7 +26,14 @@ from fusion.align.transfer import PAD_ID
 from fusion.config import AlignConfig, FuseConfig, ModelConfig
 from fusion.data.reader import object_array
 from fusion.teacher.diagnostics import teacher_counts
-from fusion.teacher.fuse import fuse_topk, tail_mass, topk_token_ce
+from fusion.teacher.fuse import (
+    as_stored,
+    fuse_topk,
+    label_nll,
+    local_ce,
+    tail_mass,
+    topk_token_ce,
+)
 from fusion.teacher.output import OutputDir
 from fusion.teacher.rows import FUSED, TARGET, candidate_aligned, next_tokens, to_table
 
@@ -238,22 +245,38 @@ def moved_tail(
 
 
 def fuse_batch(
-    batch: dict[str, np.ndarray], candidates: list[str], fuse: FuseConfig, mode: str
+    batch: dict[str, np.ndarray],
+    candidates: list[str],
+    fuse: FuseConfig,
+    mode: str,
+    vocab_size: int,
 ) -> dict[str, np.ndarray]:
     """Fuse the candidates' aligned top-k per row into ``fused.*`` (MinCE or AvgCE).
 
     The one-hot of a position no candidate can teach is on the next token in clean mode and
-    on the current token in reference mode, as the transfer's fallback is.
+    on the current token in reference mode, as the transfer's fallback is. ``vocab_size`` is
+    the target's (the 'window' and 'prefix' rules score stored distributions, tails included).
     """
     fused_ids, fused_logits, choices, tails = [], [], [], []
     for row in range(len(batch["id"])):
         input_ids = np.asarray(batch["input_ids"][row], np.int64)
         ids = np.stack([batch[f"{c}.topk_ids"][row] for c in candidates])
-        logits = np.stack([batch[f"{c}.topk_logits"][row] for c in candidates])
+        # the values as stored (float16): a `fusion refuse` of the data set fuses the same
+        logits = as_stored(np.stack([batch[f"{c}.topk_logits"][row] for c in candidates]))
+        stored_tails = as_stored(np.stack([batch[f"{c}.tail"][row] for c in candidates]))
         aligned = np.stack([candidate_aligned(batch, c, row) for c in candidates])
         labels = next_tokens(input_ids)
         if fuse.granularity == "token":
             ce = np.stack([topk_token_ce(i, lg, labels) for i, lg in zip(ids, logits, strict=True)])
+        elif fuse.granularity in ("window", "prefix"):
+            nll = np.stack(
+                [
+                    label_nll(i, lg, tail, labels, vocab_size)
+                    for i, lg, tail in zip(ids, logits, stored_tails, strict=True)
+                ]
+            )
+            nll[~aligned] = np.nan
+            ce = local_ce(nll, fuse.window, causal=fuse.granularity == "prefix")
         elif fuse.per_byte(mode):
             size = max(len(str(batch["text"][row]).encode("utf-8")), 1)
             ce = np.asarray([batch[f"{c}.nll"][row] / size for c in candidates], np.float64)
@@ -268,7 +291,7 @@ def fuse_batch(
             aligned=aligned,
             fallback_ids=labels if mode == "clean" else input_ids,
             no_teacher=fuse.no_teacher,
-            tails=np.stack([batch[f"{c}.tail"][row] for c in candidates]),
+            tails=stored_tails,
         )
         fused_ids.append(result.ids)
         fused_logits.append(result.logits.astype(np.float32))
