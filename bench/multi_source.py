@@ -92,27 +92,59 @@ def _gemma(root: Path) -> Path:
     return folder
 
 
+HELD_OUT_CHARS = 60_000  # per domain: sized so that the evaluation part of an interval is small
+
+
 def _world(name: str, out: Path):
+    """The world's models, continual corpus and held-out files (``HELD_OUT_CHARS`` each)."""
+    from fusion.demo.corpora import build_corpora, write_jsonl
     from fusion.demo.run import FULL
 
+    echo = lambda line: print(line, flush=True)  # noqa: E731
     if name == "demo":
-        from fusion.demo.world import build_world
+        from fusion.demo.world import SOURCES, build_world
 
-        return build_world(out / "world-demo", FULL, echo=lambda line: print(line, flush=True))
-    from bench.system_world import build_system_world
+        world = build_world(out / "world-demo", FULL, echo=echo)
+        corpora = build_corpora(
+            code_chars=FULL.code_chars,
+            arith_lines=FULL.arith_lines,
+            held_out_chars=HELD_OUT_CHARS,
+            continual_share=0.3,
+            seed=FULL.seed,
+        )
+        held = corpora.held_out
+        experts = [spec.name for spec in SOURCES]
+    else:
+        from bench.system_world import SOURCES, build_system_world
 
-    return build_system_world(out / "world-system", FULL, echo=lambda line: print(line, flush=True))
+        world = build_system_world(
+            out / "world-system", FULL, echo=echo, held_out_chars=HELD_OUT_CHARS
+        )
+        held = {
+            d: [json.loads(x)["text"] for x in p.read_text().splitlines()]
+            for d, p in world.held_out.items()
+        }
+        experts = [spec.name for spec in SOURCES]
+    files = {
+        domain: write_jsonl(
+            out / "held-out" / f"{domain}.jsonl",
+            [{"id": f"{domain}-{i}", "text": t} for i, t in enumerate(texts)],
+        )
+        for domain, texts in held.items()
+    }
+    return world, experts, files
 
 
-def _prepare(world, target: str, sources: dict[str, Path], out: Path) -> Path:
+def _prepare(world, sources: dict[str, Path], out: Path) -> Path:
     """The one `fusion prepare` every arm is fused from: target and every source, bytes."""
     from fusion.config import parse_config
+    from fusion.demo.world import TARGET
     from fusion.teacher.pipeline import prepare
 
     heavy = {"num_cpus": 1.0, "cpu_threads": 2, "batch_size": 4}
     light = {"num_cpus": 0.3, "cpu_threads": 1, "batch_size": 16}
     raw = {
-        "target": {"path": str(world.models[target]), **light, "batch_size": 16},
+        "target": {"path": str(world.models[TARGET.name]), **light},
         "sources": [
             {"name": name, "path": str(path), **(heavy if name == "gemma" else light)}
             for name, path in sources.items()
@@ -133,28 +165,280 @@ def _prepare(world, target: str, sources: dict[str, Path], out: Path) -> Path:
     return Path(raw["output"]["dir"])
 
 
+def _refused(data: Path, rule: Rule, drop: tuple[str, ...] = ()) -> Path:
+    """The data set fused by ``rule`` (a `fusion refuse` of the one prepare; kept)."""
+    from fusion.teacher.refuse import refuse
+
+    name = rule.name + "".join(f"-no-{d}" for d in drop)
+    folder = data.parent / name
+    refuse(data, folder, rule.fuse, with_target=rule.with_target, drop=drop, overwrite=True)
+    return folder
+
+
+def _arms(sources: list[str], experts: list[str], rules: list[str]) -> list[Arm]:
+    arms = [Arm("clm", "clm", lam=1.0)]
+    arms += [Arm(f"single:{name}", "single", teacher=name) for name in sources]
+    arms += [Arm(f"fused:{rule}", "fused", rule=rule) for rule in rules]
+    if len(sources) > len(experts):  # "experts only" against "experts + Gemma", one prepare
+        arms.append(Arm("fused-experts:seq", "fused", rule="seq", extra={"drop": ("gemma",)}))
+    return arms
+
+
+def _train(world, arm: Arm, data: Path, seed: int, epochs: int, out: Path) -> Path:
+    """`fusion train` of one arm (its export is reused when it finished earlier)."""
+    from fusion.config import parse_config
+    from fusion.demo.world import TARGET
+    from fusion.train.trainer import train
+
+    storage = out / "arms" / f"{arm.name.replace(':', '-')}-e{epochs}-s{seed}"
+    export = storage / "export"
+    if (export / "training_summary.json").is_file():
+        return export
+    shutil.rmtree(storage, ignore_errors=True)  # a killed run starts again: arms are short
+    manifest = json.loads((data / "manifest.json").read_text())
+    raw = {
+        "target": {"path": str(world.models[TARGET.name])},
+        "sources": manifest["config"]["sources"],
+        "data": {"paths": ["unused"]},
+        "align": manifest["config"]["align"],
+        "output": {"dir": str(data)},
+        "train": {
+            "teacher": arm.teacher,
+            "lam": arm.lam,
+            "lr": 1e-3,
+            "strategy": "ddp",
+            "num_workers": 1,
+            "cpus_per_worker": 0.4,
+            "cpu_threads": 2,
+            "precision": "bf16",
+            "global_batch_size": BATCH,
+            "micro_batch_size": BATCH,
+            "epochs": epochs,
+            "warmup_ratio": 0.1,
+            "min_lr_ratio": 0.1,
+            "weight_decay": 0.1,
+            "seed": seed,
+            "checkpoint_every": 100_000,
+            "storage_path": str(storage),
+            "verify_data": "size",
+        },
+    }
+    started = time.perf_counter()
+    summary = train(parse_config(raw), quiet=True)
+    print(
+        f"  trained {arm.name} e{epochs} s{seed}: {summary.steps} steps "
+        f"({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
+    return Path(summary.export_dir)
+
+
+def _scores(export: Path, held: dict[str, Path]) -> dict:
+    """Held-out bits per byte of an export, per domain and per document (kept beside it)."""
+    from fusion.evaluate.bpb import evaluate
+
+    file = export.parent / "held-out.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    found = evaluate(
+        {"arm": [str(export)]}, {d: str(p) for d, p in held.items()}, max_length=320, documents=True
+    )["arm"]
+    file.write_text(json.dumps(found))
+    return found
+
+
+def _domain_diagnostics(data: Path) -> dict:
+    """Per domain of a fused data set: each candidate's share of the positions it teaches and
+    its stored bits per byte, and the fused teacher's (what the arms learn from)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from fusion.data.chunking import encode
+    from fusion.data.reader import object_array
+    from fusion.models.loading import load_tokenizer, vocab_list
+    from fusion.teacher.diagnostics import diagnostics, teacher_counts
+    from fusion.teacher.rows import table_to_batch
+
+    manifest = json.loads((data / "manifest.json").read_text())
+    tokenizer = load_tokenizer(manifest["config"]["target"]["path"])
+    table = pq.read_table(data / "data")
+    out = {}
+    for domain in sorted(set(table["domain"].to_pylist())):
+        rows = table.filter(pc.equal(table["domain"], domain))
+        batch = table_to_batch(rows)
+        batch["offsets"] = object_array(
+            [encode(tokenizer, str(t), False)[1] for t in batch["text"]]
+        )
+        found = diagnostics(
+            teacher_counts(batch, manifest["candidates"], len(vocab_list(tokenizer)))
+        )
+        out[domain] = {
+            "taught": {n: c["taught"] for n, c in found["candidates"].items()},
+            "stored_bpb": {n: c["bits_per_byte"] for n, c in found["candidates"].items()},
+            "own_bpb": {n: c["own_bits_per_byte"] for n, c in found["candidates"].items()},
+            "fused_bpb": found["fused"]["bits_per_byte"],
+        }
+    return out
+
+
+def _verdicts(
+    results: dict, arms: list[Arm], seeds: list[int], budgets: list[int], held: dict
+) -> tuple[list, dict]:
+    """Rows of the table and every comparison: each arm against CLM, each fused arm against
+    the best single source (the one with the lowest mean average bpb at that budget)."""
+    from fusion.evaluate.verdict import DocumentScores, compare
+
+    sizes = None
+    rows, figures = [], {}
+    for epochs in budgets:
+        scores: dict[str, dict[int, DocumentScores]] = {}
+        means: dict[str, dict] = {}
+        for arm in arms:
+            found = {s: results.get(f"{arm.name}/e{epochs}/s{s}") for s in seeds}
+            found = {s: r for s, r in found.items() if r is not None}
+            if len(found) < 2:
+                continue
+            sizes = sizes or {
+                d: v["bytes"] for d, v in next(iter(found.values()))["documents"].items()
+            }
+            scores[arm.name] = {
+                s: DocumentScores({d: v["nll"] for d, v in r["documents"].items()})
+                for s, r in found.items()
+            }
+            means[arm.name] = {
+                "avg": sum(r["avg_bpb"] for r in found.values()) / len(found),
+                **{d: sum(r["bpb"][d] for r in found.values()) / len(found) for d in held},
+            }
+        if "clm" not in scores:
+            continue
+        singles = [a.name for a in arms if a.kind == "single" and a.name in scores]
+        best = min(singles, key=lambda n: means[n]["avg"]) if singles else None
+        for arm in arms:
+            if arm.name not in scores:
+                continue
+            entry = {"mean_bpb": means[arm.name], "seeds": sorted(scores[arm.name])}
+            versus = {"clm": "clm"} | (
+                {"best single": best} if best and arm.kind == "fused" else {}
+            )
+            for label, other in versus.items():
+                if other == arm.name:
+                    continue
+                entry[f"vs {label}"] = {
+                    domain: compare(
+                        scores[arm.name],
+                        scores[other],
+                        sizes,
+                        domains=None if domain == "avg" else [domain],
+                    ).as_dict()
+                    for domain in ("avg", *held)
+                }
+                entry[f"vs {label}"]["against"] = other
+            figures[f"{arm.name}/e{epochs}"] = entry
+            against_clm = _line(entry["vs clm"]["avg"]) if "vs clm" in entry else "—"
+            against_best = "—"
+            if "vs best single" in entry:
+                against_best = f"{_line(entry['vs best single']['avg'])} ({best})"
+            rows.append(
+                (
+                    arm.name,
+                    f"{epochs}×" if epochs > 1 else "1× (demo)",
+                    f"{means[arm.name]['avg']:.4f}",
+                    " / ".join(f"{means[arm.name][d]:.3f}" for d in held),
+                    against_clm,
+                    against_best,
+                )
+            )
+    return rows, figures
+
+
+def _line(found: dict | None) -> str:
+    if not found:
+        return "—"
+    return f"{found['mean_percent']:+.2f} % [{found['low']:+.2f}, {found['high']:+.2f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", choices=("demo", "system"), default="demo")
     parser.add_argument("--out", type=Path, default=Path("multi-source-run"))
     parser.add_argument("--no-gemma", action="store_true", help="the world's experts only")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--budgets", default="1,4", help="epochs of the demo's 60 steps")
+    parser.add_argument("--rules", default=",".join(RULES), help=f"of {','.join(RULES)}")
+    parser.add_argument(
+        "--long-arms",
+        default="clm,single:gemma,fused:seq,fused:prefix",
+        help="arms trained at budgets beyond the first (comma-separated)",
+    )
     parser.add_argument("--prepare-only", action="store_true")
+    parser.add_argument("--report", action="store_true", help="tables of what is done, no training")
     args = parser.parse_args()
     import ray
-
-    from fusion.demo.world import SOURCES, TARGET
 
     out = (args.out / args.world).resolve()
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().issue_detectors_config.detectors = []
-    world = _world(args.world, out)
-    sources = {spec.name: world.models[spec.name] for spec in SOURCES}
+    world, experts, held = _world(args.world, out)
+    sources = {name: world.models[name] for name in experts}
     if not args.no_gemma:
         sources["gemma"] = _gemma(args.out.resolve())
-    data = _prepare(world, TARGET.name, sources, out)
+    data = _prepare(world, sources, out)
     if args.prepare_only:
         return
-    del data, shutil, report
+    seeds = [int(s) for s in args.seeds.split(",")]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    rules = args.rules.split(",")
+    arms = _arms(list(sources), experts, rules)
+    long_arms = set(args.long_arms.split(","))
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    folders = {}
+    if not args.report:
+        for arm in arms:
+            if arm.kind == "fused":
+                folders[arm.name] = _refused(data, RULES[arm.rule], arm.extra.get("drop", ()))
+        for epochs in budgets:
+            for seed in seeds:
+                for arm in arms:
+                    if epochs != budgets[0] and arm.name not in long_arms:
+                        continue
+                    key = f"{arm.name}/e{epochs}/s{seed}"
+                    if key in results:
+                        continue
+                    export = _train(world, arm, folders.get(arm.name, data), seed, epochs, out)
+                    results[key] = _scores(export, held)
+                    results_file.write_text(json.dumps(results))
+                    print(f"  {key}: {results[key]['avg_bpb']:.4f} bits/byte", flush=True)
+    rows, figures = _verdicts(results, arms, seeds, budgets, held)
+    diagnostics = {
+        name: _domain_diagnostics(folder)
+        for name, folder in [
+            ("all", data),
+            *((a, data.parent / a.split(":")[1]) for a in ("fused:seq", "fused:prefix")),
+        ]
+        if (folder / "manifest.json").is_file()
+    }
+    report(
+        f"multi_source-{args.world}",
+        rows,
+        {
+            "world": args.world,
+            "sources": list(sources),
+            "seeds": seeds,
+            "budgets_epochs": budgets,
+            "steps_per_epoch": STEPS,
+            "chunks_per_step": BATCH,
+            "lam": LAM,
+            "rules": {r: RULES[r].note for r in rules},
+            "comparisons": figures,
+            "diagnostics": diagnostics,
+            "held_out_bytes": {
+                d: sum(len(json.loads(x)["text"].encode()) for x in p.read_text().splitlines())
+                for d, p in held.items()
+            },
+        },
+        header=("arm", "budget", "avg bpb", "per domain", "vs CLM (95 %)", "vs best single (95 %)"),
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ class TrainConfig(Strict):
     """Prepared data folder (`fusion prepare` output); default output.dir."""
     teacher: str = "fused"
     """Which distribution to learn from: 'fused', a source name or 'target'."""
-    lam: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
-    """λ: weight of the CLM loss; 1 − λ weighs the fusion loss."""
+    lam: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = 0.9
+    """λ: weight of the CLM loss; 1 − λ weighs the fusion loss. 'auto' chooses it from the
+    data set's fidelity: the further the teacher's stored bits per byte lie below the target's
+    own, the more weight the teacher gets (0.9 for a teacher no better than the target, down
+    to 0.5; see fusion.train.lam)."""
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
     """DeepSpeed ZeRO or plain PyTorch DDP."""
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 2

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fusion.demo.corpora import DOMAINS, Corpora, build_corpora, write_jsonl
+from fusion.demo.corpora import Corpora, build_corpora, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def corpora_id(corpora: Corpora) -> str:
     """A hash of every span: models and tokenizers are rebuilt when the text changes."""
     digest = hashlib.sha256()
     for part in (corpora.pretrain, corpora.continual, corpora.held_out):
-        for domain in DOMAINS:
+        for domain in part:
             digest.update("\x00".join(part[domain]).encode())
     return digest.hexdigest()[:16]
 
@@ -147,7 +147,9 @@ def _tokenizer_recipe(key: str, scale: Scale, corpus: str) -> dict:
     return {"tokenizer": TOKENIZERS[key], "seed": scale.seed, "corpora": corpus}
 
 
-def _build_tokenizers(root: Path, corpora: Corpora, scale: Scale, corpus: str) -> dict[str, Path]:
+def _build_tokenizers(
+    root: Path, corpora: Corpora, scale: Scale, corpus: str, target: ModelSpec
+) -> dict[str, Path]:
     """Train the four tokenizers (the target's on another sample than the sources')."""
     import random
 
@@ -161,8 +163,8 @@ def _build_tokenizers(root: Path, corpora: Corpora, scale: Scale, corpus: str) -
         if _is_built(folder, recipe):
             continue
         sample = [span for spans in corpora.pretrain.values() for span in spans[:3000]]
-        random.Random(scale.seed + (7 if key == TARGET.tokenizer else 0)).shuffle(sample)
-        sample = sample[: len(sample) // 2] if key == TARGET.tokenizer else sample
+        random.Random(scale.seed + (7 if key == target.tokenizer else 0)).shuffle(sample)
+        sample = sample[: len(sample) // 2] if key == target.tokenizer else sample
         staging = _stage(folder)
         train_tokenizer(sample, kind, size, isolate_digits=True).save_pretrained(staging)
         _commit(staging, folder, recipe)
@@ -232,42 +234,55 @@ def pretrain_model(
     return str(folder)
 
 
-def build_world(root: Path, scale: Scale, *, echo: Callable[[str], None] = print) -> World:
-    """Build (or reuse) corpora, tokenizers and models under ``root``; Ray must be running."""
+def build_world(
+    root: Path,
+    scale: Scale,
+    *,
+    echo: Callable[[str], None] = print,
+    corpora: Corpora | None = None,
+    models: tuple[ModelSpec, ...] | None = None,
+) -> World:
+    """Build (or reuse) corpora, tokenizers and models under ``root``; Ray must be running.
+    By default the demo's (its three domains, sources, target and pair); ``corpora`` and
+    ``models`` (sources, then the target, named as :data:`TARGET` is) build another world."""
     import ray
 
-    corpora = build_corpora(
-        code_chars=scale.code_chars,
-        arith_lines=scale.arith_lines,
-        held_out_chars=scale.held_out_chars,
-        continual_share=0.3,
-        seed=scale.seed,
-    )
+    if corpora is None:
+        corpora = build_corpora(
+            code_chars=scale.code_chars,
+            arith_lines=scale.arith_lines,
+            held_out_chars=scale.held_out_chars,
+            continual_share=0.3,
+            seed=scale.seed,
+        )
+    models = models or (*SOURCES, TARGET, *PAIR)
+    target = next(spec for spec in models if spec.name == TARGET.name)
+    domains = list(corpora.continual)
     data = root / "data"
     held_out = {
         domain: write_jsonl(
             data / f"heldout-{domain}.jsonl",
             [{"id": f"{domain}-{i}", "text": t} for i, t in enumerate(corpora.held_out[domain])],
         )
-        for domain in DOMAINS
+        for domain in domains
     }
     wanted = scale.continual_steps * scale.continual_batch
-    per_domain = -(-wanted // len(DOMAINS))
+    per_domain = -(-wanted // len(domains))
     records = [
         {"id": f"{domain}-{i}", "text": corpora.continual[domain][i], "domain": domain}
         for i in range(per_domain)
-        for domain in DOMAINS
+        for domain in domains
         if i < len(corpora.continual[domain])
     ]
     continual = write_jsonl(data / "continual.jsonl", records)
     corpus = corpora_id(corpora)
-    tokenizers = _build_tokenizers(root, corpora, scale, corpus)
+    tokenizers = _build_tokenizers(root, corpora, scale, corpus, target)
 
     pretrain_task = ray.remote(num_cpus=1)(pretrain_model)
     spans = ray.put(corpora.pretrain)
     folders: dict[str, Path] = {}
     pending = {}
-    for spec in (*SOURCES, TARGET, *PAIR):
+    for spec in models:
         folder = root / "models" / spec.name
         folders[spec.name] = folder
         recipe = _model_recipe(spec, scale, corpus)
@@ -286,10 +301,10 @@ def build_world(root: Path, scale: Scale, *, echo: Callable[[str], None] = print
             echo(f"  built {name}")
     stats = {
         "spans": {
-            part: {d: len(getattr(corpora, part)[d]) for d in DOMAINS}
+            part: {d: len(getattr(corpora, part)[d]) for d in domains}
             for part in ("pretrain", "continual", "held_out")
         },
         "continual_spans": len(records),
-        "held_out_bytes": {d: sum(len(t.encode()) for t in corpora.held_out[d]) for d in DOMAINS},
+        "held_out_bytes": {d: sum(len(t.encode()) for t in corpora.held_out[d]) for d in domains},
     }
     return World(root, folders, continual, held_out, stats)

@@ -19,6 +19,7 @@ import numpy as np
 from fusion.teacher.fuse import MIXED, NO_TEACHER, as_stored, label_nll, topk_token_ce
 from fusion.teacher.rows import FUSED, candidate_aligned, next_tokens
 
+
 def label_bytes(text: str, offsets: np.ndarray, length: int) -> np.ndarray:
     """UTF-8 bytes of the token each position predicts, spans end to end (a token owns the
     text since the end of the one before it); 0 for an EOS after the text."""

@@ -61,6 +61,12 @@ def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
             "train.max_steps: required by `fusion run`, which cannot count its rows before the "
             "stream ends (`fusion estimate` predicts the tokens)"
         )
+    if train.lam == "auto":
+        raise ConfigError(
+            "train.lam: 'auto' reads the teacher's fidelity from a prepared data set's manifest, "
+            "which `fusion run` (streaming) has not yet written: set a number, or `fusion "
+            "prepare` then `fusion train`"
+        )
     if train.epochs != 1:
         raise ConfigError(
             "train.epochs: `fusion run` reads the corpus once; for several epochs, materialise "

@@ -23,6 +23,7 @@ from fusion.errors import FusionError, user_error_from
 from fusion.models.loading import model_tokenizer, vocab_fingerprint
 from fusion.teacher.output import complete_manifest, join
 from fusion.train.batches import own_column, teacher_columns
+from fusion.train.lam import auto_lam
 from fusion.train.loop import train_loop_per_worker
 from fusion.train.resume import total_steps
 
@@ -145,6 +146,11 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     run = run.model_copy(update={"train": train})
     manifest = check_dataset(run)
     total_steps(train, manifest["rows"])  # refuse a data set smaller than one global batch
+    if train.lam == "auto":
+        lam, why = auto_lam(manifest, train.teacher, data_dir(run))
+        print(why, file=sys.stderr)
+        train = train.model_copy(update={"lam": lam})
+        run = run.model_copy(update={"train": train})
     ray = ensure_ray(run)
     if note := check_training_resources(train, ray.cluster_resources(), cluster_maximum(run)):
         print(note, file=sys.stderr)
