@@ -74,7 +74,7 @@ class Arm:
     kind: str  # "clm", "single" or "fused"
     teacher: str = "fused"
     rule: str | None = None
-    lam: float = LAM
+    lam: float | str = LAM
     extra: dict = field(default_factory=dict, hash=False)
 
 
@@ -181,6 +181,9 @@ def _arms(sources: list[str], experts: list[str], rules: list[str]) -> list[Arm]
     arms += [Arm(f"fused:{rule}", "fused", rule=rule) for rule in rules]
     if len(sources) > len(experts):  # "experts only" against "experts + Gemma", one prepare
         arms.append(Arm("fused-experts:seq", "fused", rule="seq", extra={"drop": ("gemma",)}))
+    if "seq" in rules:  # λ: the paper's 0.9, and chosen from the teacher's fidelity
+        arms.append(Arm("fused:seq@0.9", "fused", rule="seq", lam=0.9))
+        arms.append(Arm("fused:seq@auto", "fused", rule="seq", lam="auto"))
     return arms
 
 
@@ -188,6 +191,7 @@ def _train(world, arm: Arm, data: Path, seed: int, epochs: int, out: Path) -> Pa
     """`fusion train` of one arm (its export is reused when it finished earlier)."""
     from fusion.config import parse_config
     from fusion.demo.world import TARGET
+    from fusion.models.device import cpu_computes_bf16
     from fusion.train.trainer import train
 
     storage = out / "arms" / f"{arm.name.replace(':', '-')}-e{epochs}-s{seed}"
@@ -210,7 +214,7 @@ def _train(world, arm: Arm, data: Path, seed: int, epochs: int, out: Path) -> Pa
             "num_workers": 1,
             "cpus_per_worker": 0.4,
             "cpu_threads": 2,
-            "precision": "bf16",
+            "precision": "bf16" if cpu_computes_bf16() else "fp32",
             "global_batch_size": BATCH,
             "micro_batch_size": BATCH,
             "epochs": epochs,

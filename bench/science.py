@@ -166,6 +166,7 @@ def _train(target: Path, name: str, data: Path, arm: Arm, seed: int, epochs: int
     """`fusion train` of one arm; the export folder (reused when it finished earlier). The
     per-sequence fused teacher is re-fused from the data set (`fusion refuse`, no model)."""
     from fusion.config import parse_config
+    from fusion.models.device import cpu_computes_bf16
     from fusion.train.trainer import train
 
     storage = out / f"{arm.name}-e{epochs}-s{seed}"
@@ -194,7 +195,7 @@ def _train(target: Path, name: str, data: Path, arm: Arm, seed: int, epochs: int
             "num_workers": 1,
             "cpus_per_worker": 0.4,
             "cpu_threads": 2,
-            "precision": "bf16",
+            "precision": "bf16" if cpu_computes_bf16() else "fp32",
             "global_batch_size": 16,
             "micro_batch_size": 16,
             "epochs": epochs,

@@ -22,6 +22,7 @@ from pathlib import Path
 from fusion.config import FusionConfig, config_to_yaml, parse_config
 from fusion.data.files import write_text_atomically
 from fusion.demo.world import SOURCES, TARGET, Scale, World
+from fusion.models.device import cpu_computes_bf16
 
 LAM = 0.9
 LR = 1e-3
@@ -125,7 +126,7 @@ def raw_config(world: World, out: Path, scale: Scale, dataset: str = "main") -> 
             "num_workers": 1,
             "cpus_per_worker": 0.4,
             "cpu_threads": 2,
-            "precision": "bf16",
+            "precision": "bf16" if cpu_computes_bf16() else "fp32",
             "global_batch_size": scale.continual_batch,
             "micro_batch_size": scale.continual_batch,
             "max_steps": scale.continual_steps,

@@ -198,6 +198,7 @@ def pretrain_model(
     from transformers import AutoModelForCausalLM
 
     from fusion.demo.pretrain import pretrain
+    from fusion.models.device import cpu_computes_bf16
     from fusion.models.loading import load_tokenizer
     from fusion.testing.toy import tiny_causal_lm
 
@@ -223,7 +224,7 @@ def pretrain_model(
         lr=spec.lr,
         max_length=scale.max_length,
         seed=scale.seed + sum(map(ord, spec.name)),
-        bf16=True,
+        bf16=cpu_computes_bf16(),
     )
     folder = Path(out)
     staging = _stage(folder)

@@ -44,6 +44,14 @@ def resolve_dtype(setting: str, device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic in hardware (AVX-512 BF16 or AMX). Without it,
+    bf16 autocast on the CPU is emulated: a small Llama's training step took 7x as long as in
+    float32 on an AVX2-only EPYC, where it is faster on CPUs that have it."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 class _FusionTensorsOnMeta(TorchFunctionMode):
     """Factory calls made by fusion's own modules without a device get ``meta`` instead of the
     default device, so a tensor that would sit on the wrong device on a GPU is caught."""
