@@ -141,8 +141,8 @@ def _prepare(world, sources: dict[str, Path], out: Path) -> Path:
     from fusion.demo.world import TARGET
     from fusion.teacher.pipeline import prepare
 
-    heavy = {"num_cpus": 1.0, "cpu_threads": 2, "batch_size": 4}
-    light = {"num_cpus": 0.3, "cpu_threads": 1, "batch_size": 16}
+    heavy = {"num_cpus": 0.6, "cpu_threads": 2, "batch_size": 4}
+    light = {"num_cpus": 0.2, "cpu_threads": 1, "batch_size": 16}
     raw = {
         "target": {"path": str(world.models[TARGET.name]), **light},
         "sources": [

@@ -86,7 +86,8 @@ KEEPS_ROWS = {
     "align.map_cache": None,
 }
 # A benchmark stand-in's speed: valid only with backend 'simulated', whose rows it never sets.
-WITH_ITS_BACKEND = {"sources.0.simulated_tokens_per_s"}
+# The fusion window counts only under the rules that read it (tested on its own below).
+CONDITIONAL = {"sources.0.simulated_tokens_per_s", "fuse.window"}
 
 
 def _changed(dotted: str, value) -> dict:
@@ -108,7 +109,7 @@ def test_every_field_is_classified_as_changing_the_rows_or_not():
         "fuse": FuseConfig,
     }
     fields = {f"{prefix}.{name}" for prefix, cls in sections.items() for name in cls.model_fields}
-    classified = [*CHANGES_ROWS, *KEEPS_ROWS, *WITH_ITS_BACKEND]
+    classified = [*CHANGES_ROWS, *KEEPS_ROWS, *CONDITIONAL]
     assert len(classified) == len(set(classified))
     assert set(classified) == fields
 
@@ -136,3 +137,18 @@ def test_a_source_without_max_length_keeps_the_fingerprint_it_had():
     """Data sets prepared before a source's max_length entered the fingerprint are still
     their config's own: the base config's hash as the code before that change computed it."""
     assert fingerprint(parse_config(BASE)) == "cb1de6d2fdc8306d"
+
+
+@pytest.mark.parametrize("granularity", ["window", "prefix"])
+def test_the_fusion_window_changes_the_rows_only_under_the_rules_that_read_it(
+    tmp_path, granularity
+):
+    local = _changed("fuse.granularity", granularity)
+    base = parse_config(local)
+    wider = parse_config(local | {"fuse": local["fuse"] | {"window": 64}})
+    out = OutputDir(str(tmp_path / "out"))
+    out.claim(fingerprint(base), base.model_dump(mode="json"))
+    with pytest.raises(OutputError, match="holds another run"):
+        out.claim(fingerprint(wider), wider.model_dump(mode="json"))
+    sequence = parse_config(BASE)
+    assert fingerprint(sequence) == fingerprint(parse_config(_changed("fuse.window", 64)))

@@ -99,7 +99,7 @@ def score(
     heads = [ChunkedHead(model, masked=None) for model in models]
     numbered = sorted(_numbered_windows(tokenizer, texts, max_length), key=lambda w: len(w[1]))
     pieces = [window for _, window in numbered]
-    per_document = torch.zeros(len(texts), dtype=torch.float64)
+    per_document = torch.zeros(len(texts), dtype=torch.float64, device="cpu")
     tokens = 0
     for start in range(0, len(pieces), batch_size):
         batch = pieces[start : start + batch_size]
@@ -116,7 +116,9 @@ def score(
             per_model.append((reading.label_logit - reading.lse)[:, :-1])
         log_probs = torch.logsumexp(torch.stack(per_model), dim=0) - math.log(len(models))
         real = mask[:, 1:].bool()
-        owners = torch.tensor([index for index, _ in numbered[start : start + batch_size]])
+        owners = torch.tensor(
+            [index for index, _ in numbered[start : start + batch_size]], device="cpu"
+        )
         window_nll = -torch.where(real, log_probs.double(), 0.0).sum(-1).cpu()
         per_document.index_add_(0, owners, window_nll)
         tokens += int(real.sum())

@@ -56,7 +56,7 @@ def fingerprint(config: FusionConfig) -> str:
         "sources": [_source_settings(s) for s in config.sources],
         "data": config.data.model_dump(exclude={"block_chunks", "readers"}),
         "align": config.align.model_dump(exclude={"map_cache"}),
-        "fuse": config.fuse.model_dump(),
+        "fuse": _fuse_settings(config),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -69,6 +69,15 @@ def _source_settings(source: SourceConfig) -> dict:
     )
     if source.max_length is not None:
         settings["max_length"] = source.max_length
+    return settings
+
+
+def _fuse_settings(config: FusionConfig) -> dict:
+    """The fuse settings that change the fused columns: ``window`` only under the rules that
+    read it, so data sets prepared before it existed keep their fingerprint."""
+    settings = config.fuse.model_dump()
+    if config.fuse.granularity not in ("window", "prefix"):
+        del settings["window"]
     return settings
 
 
