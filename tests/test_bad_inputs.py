@@ -229,7 +229,7 @@ def _output_not_a_run(raw, world, tmp):
 PREPARE_CASES: dict[str, tuple[Breakage, str]] = {
     "unknown config key": (_unknown_key, r"align\.topk: unknown key"),
     "wrong type": (_wrong_type, r"align\.top_k: .*integer.*\(got 'ten'\)"),
-    "lambda outside [0, 1]": (_lam_out_of_range, r"train\.lam: .*less than or equal to 1"),
+    "lambda outside [0, 1]": (_lam_out_of_range, r"train\.lam: λ is a number between 0 and 1"),
     "duplicate source names": (_duplicate_sources, r"sources\.1\.name: 'coder' is already"),
     "malformed YAML": (_malformed_yaml, r"run\.yaml.*not valid YAML"),
     "missing model path": (_missing_model, r"sources\.0\.path .*nowhere.* does not exist"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fusion.config.base import Strict
 
@@ -20,7 +20,7 @@ class TrainConfig(Strict):
     """Prepared data folder (`fusion prepare` output); default output.dir."""
     teacher: str = "fused"
     """Which distribution to learn from: 'fused', a source name or 'target'."""
-    lam: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = 0.9
+    lam: float | Literal["auto"] = 0.9
     """λ: weight of the CLM loss; 1 − λ weighs the fusion loss. 'auto' chooses it from the
     data set's fidelity: the further the teacher's stored bits per byte lie below the target's
     own, the more weight the teacher gets (0.9 for a teacher no better than the target, down
@@ -98,6 +98,15 @@ class TrainConfig(Strict):
     """Optimizer steps between held-out evaluations (default: start and end only)."""
     eval_max_length: Annotated[int, Field(ge=2)] = 1024
     """Window of the held-out evaluation, in target tokens."""
+
+    @field_validator("lam", mode="before")
+    @classmethod
+    def _lam_in_range(cls, value):
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ValueError(f"λ is a number between 0 and 1, or 'auto' (got {value!r})")
+        return float(value)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

@@ -1,14 +1,15 @@
 """The demo's arms: the same target, data, order and token budget, trained different ways.
 
 Teacher data sets are made by the real ``fusion prepare`` pipeline and every arm is trained by
-the real ``fusion train`` (Ray Train). The main data set (clean settings: character-offset
-alignment, MinED vocabulary map, MinCE per token) serves ``fused``, ``clm_only`` (λ = 1: the
-teacher is ignored) and single-teacher distillation from the best source; both main arms run
-with a second data order too, so the report can set each difference against the noise of
-the order alone. Variants that only fuse differently (AvgCE, MinCE per sequence on per-byte
-CE) are re-fused from the main data set's stored candidates (`fusion refuse`, no model runs);
-variants that align differently (exact vocabulary match, the reference settings: DTW, the
-reference's quirks, MinCE per sequence, bf16 teacher) need their own `fusion prepare`.
+the real ``fusion train`` (Ray Train). The main data set (the clean defaults: each source's
+full distribution projected byte-consistently, MinCE per sequence on per-byte CE) serves
+``fused``, ``clm_only`` (λ = 1: the teacher is ignored) and single-teacher distillation from
+the best source, each on ``scale.orders`` data orders, so the report can give each difference
+with its 95 % interval (t over the orders, a paired bootstrap over held-out documents).
+Variants that only fuse differently (AvgCE, MinCE per token) are re-fused from the main data
+set's stored candidates (`fusion refuse`, no model runs); variants that align differently
+(character offsets with MinED, the reference settings: DTW, the reference's quirks, bf16
+teacher) need their own `fusion prepare`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from pathlib import Path
 
 from fusion.config import FusionConfig, config_to_yaml, parse_config
 from fusion.data.files import write_text_atomically
+from fusion.demo.real_source import NAME as GEMMA
 from fusion.demo.world import SOURCES, TARGET, Scale, World
 from fusion.models.device import cpu_computes_bf16
 
-LAM = 0.9
+LAM = 0.5
 LR = 1e-3
+MAIN_FUSE = {"method": "min_ce", "granularity": "sequence", "ce_unit": "byte"}
+MAIN_ALIGN = {"method": "bytes", "mode": "clean", "top_k": 10}
 
 
 @dataclass(frozen=True)
@@ -41,49 +45,58 @@ class Arm:
     train: dict = field(default_factory=dict, hash=False)
 
 
-SECOND_ORDER = "_order2"  # suffix of the arms trained on a second data order
+def ordered(name: str, order: int) -> str:
+    """The name of an arm trained on data order ``order`` (0: the name itself)."""
+    return name if order == 0 else f"{name}_order{order + 1}"
+
+
 PREPARED: dict[str, dict] = {
     "main": {},
-    "exact": {"align": {"vocab_map": "exact"}},
+    "offsets": {
+        "align": {"method": "offsets", "vocab_map": "mined", "mode": "clean"},
+        "fuse": {"method": "min_ce", "granularity": "token"},
+    },
     "reference": {
         "align": {"method": "dtw", "vocab_map": "mined", "mode": "reference"},
         "fuse": {"method": "min_ce", "granularity": "sequence"},
     },
 }
 REFUSED: dict[str, dict] = {  # fused again from "main"'s stored candidates: fuse, candidates
-    "avg_ce": {"fuse": {"method": "avg_ce", "granularity": "token"}},
-    "sequence_byte": {"fuse": {"method": "min_ce", "granularity": "sequence", "ce_unit": "byte"}},
-    "sequence_token": {"fuse": {"method": "min_ce", "granularity": "sequence", "ce_unit": "token"}},
-    "no_target": {"fuse": {"method": "min_ce", "granularity": "token"}, "as_teacher": False},
-    "mask": {"fuse": {"method": "min_ce", "granularity": "token", "no_teacher": "mask"}},
+    "avg_ce": {"fuse": {"method": "avg_ce", "granularity": "sequence", "ce_unit": "byte"}},
+    "token": {"fuse": {"method": "min_ce", "granularity": "token"}},
 }
 
 
 def arms(scale: Scale, best_source: str) -> list[Arm]:
-    """The arms of this scale: the baselines always, the FuseLLM variants when it allows."""
-    fused = f"FuseLLM, λ={LAM}: MinCE per token over target + 3 sources"
+    """The arms of this scale: the baselines on every data order, the FuseLLM variants on the
+    first when the scale allows."""
+    fused = f"fusion, λ={LAM}: MinCE per sequence over target + sources, bytes projection"
     clm = "continual training on the same text, λ=1"
-    chosen = [
-        Arm("fused", "main", fused),
-        Arm("clm_only", "main", clm, lam=1.0),
-        Arm(f"fused{SECOND_ORDER}", "main", f"{fused}; second data order", order=1),
-        Arm(f"clm_only{SECOND_ORDER}", "main", f"{clm}; second data order", lam=1.0, order=1),
-        Arm(
-            f"distill_{best_source}",
-            "main",
-            f"single-teacher distillation from the best source ({best_source}), λ={LAM}",
-            teacher=best_source,
-        ),
-    ]
+    single = f"single-teacher distillation from the best source ({best_source}), λ={LAM}"
+    chosen = []
+    for order in range(scale.orders):
+        which = "" if order == 0 else f"; data order {order + 1}"
+        chosen += [
+            Arm(ordered("fused", order), "main", fused + which, order=order),
+            Arm(ordered("clm_only", order), "main", clm + which, lam=1.0, order=order),
+            Arm(
+                ordered(f"distill_{best_source}", order),
+                "main",
+                single + which,
+                teacher=best_source,
+                order=order,
+            ),
+        ]
     if scale.variants:
         chosen += [
-            Arm("fused_avg_ce", "avg_ce", "FuseLLM with AvgCE instead of MinCE"),
+            Arm("fused_avg_ce", "avg_ce", "fusion with AvgCE instead of MinCE"),
+            Arm("fused_token", "token", "fusion with MinCE per token instead of per sequence"),
             Arm(
-                "fused_sequence_byte",
-                "sequence_byte",
-                "FuseLLM with MinCE per sequence on per-byte CE instead of per token",
+                "fused_offsets",
+                "offsets",
+                "fusion from character-offset alignment with MinED (top-10 of each source) "
+                "instead of the bytes projection, MinCE per token",
             ),
-            Arm("fused_exact", "exact", "FuseLLM with exact vocabulary match instead of MinED"),
             Arm(
                 "fused_reference",
                 "reference",
@@ -105,6 +118,9 @@ def raw_config(world: World, out: Path, scale: Scale, dataset: str = "main") -> 
         {"name": spec.name, "path": _relative(world.models[spec.name], out), "num_cpus": 0.25}
         for spec in SOURCES
     ]
+    if GEMMA in world.models:  # --real-source: a 270M model, the slowest reader by far
+        gemma = {"num_cpus": 0.5, "cpu_threads": 2, "batch_size": 4}
+        sources.append({"name": GEMMA, "path": _relative(world.models[GEMMA], out), **gemma})
     # Fractions small enough that `fusion run` (actors and the training worker side by side)
     # also fits two CPUs; the threads a worker computes with are set by cpu_threads.
     raw = {
@@ -116,8 +132,8 @@ def raw_config(world: World, out: Path, scale: Scale, dataset: str = "main") -> 
             "id_field": "id",
             "max_length": scale.max_length,
         },
-        "align": {"method": "offsets", "vocab_map": "mined", "mode": "clean", "top_k": 10},
-        "fuse": {"method": "min_ce", "granularity": "token"},
+        "align": dict(MAIN_ALIGN),
+        "fuse": dict(MAIN_FUSE),
         "output": {"dir": f"teacher/{dataset}", "rows_per_file": 1024},
         "train": {
             "lam": LAM,
@@ -142,7 +158,7 @@ def raw_config(world: World, out: Path, scale: Scale, dataset: str = "main") -> 
         },
     }
     for section, values in PREPARED.get(dataset, {}).items():
-        raw[section] = raw[section] | values
+        raw[section] = values if section == "fuse" else raw[section] | values
     if dataset in REFUSED:
         raw["fuse"] = REFUSED[dataset]["fuse"]
         raw["target"] |= {"as_teacher": REFUSED[dataset].get("as_teacher", True)}

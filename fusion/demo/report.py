@@ -51,40 +51,45 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def noise_band(
-    models: Mapping[str, dict], domains: Sequence[str], second: str, teacher_arm: str
+def intervals(
+    models: Mapping[str, dict], domains: Sequence[str], names: Mapping[str, Sequence[str]]
 ) -> dict:
-    """Fused against clm_only over both data orders, and the band one order's change spans.
+    """Paired verdicts over the data orders: fused vs clm_only, fused vs the best single
+    teacher, that teacher vs clm_only; on the average and per domain, each with its 95 %
+    interval (:func:`fusion.evaluate.verdict.compare`). ``names[arm]`` lists the arm's model
+    names by data order (each scored per document)."""
+    from fusion.evaluate.verdict import DocumentScores, compare
 
-    The band is the larger of the two arms' |order 1 − order 2| (per domain and on average):
-    a difference smaller than it is within what the data order alone moves.
-    """
-
-    def orders(name: str, domain: str | None) -> list[float]:
-        pick = (lambda e: e["avg_bpb"]) if domain is None else (lambda e: e["bpb"][domain])
-        return [pick(models[name]), pick(models[name + second])]
-
-    out = {}
-    for domain in [None, *domains]:
-        fused, clm = orders("fused", domain), orders("clm_only", domain)
-        deltas = [f - c for f, c in zip(fused, clm, strict=True)]
-        band = max(abs(fused[0] - fused[1]), abs(clm[0] - clm[1]))
-        out[domain or "avg"] = {
-            "fused": [round(v, 5) for v in fused],
-            "clm_only": [round(v, 5) for v in clm],
-            "delta_per_order": [round(d, 5) for d in deltas],
-            "delta_mean": round(_mean(deltas), 5),
-            "band": round(band, 5),
-            "beyond_band": all(d < 0 for d in deltas) and -_mean(deltas) > band,
+    def scores(arm: str) -> dict[int, DocumentScores]:
+        return {
+            order: DocumentScores({d: models[name]["documents"][d]["nll"] for d in domains})
+            for order, name in enumerate(names[arm])
         }
-    teacher = models[teacher_arm]["avg_bpb"]
-    vs_teacher = _mean(orders("fused", None)) - teacher
-    out["vs_best_single_teacher"] = {
-        "arm": teacher_arm,
-        "delta_mean": round(vs_teacher, 5),
-        "beyond_band": -vs_teacher > out["avg"]["band"],
+
+    first = names["fused"][0]
+    sizes = {d: models[first]["documents"][d]["bytes"] for d in domains}
+    single = next(arm for arm in names if arm.startswith("distill_"))
+    pairs = {
+        "fused vs clm_only": ("fused", "clm_only"),
+        f"fused vs {single}": ("fused", single),
+        f"{single} vs clm_only": (single, "clm_only"),
     }
-    return out
+    return {
+        label: {
+            domain: compare(
+                scores(a), scores(b), sizes, domains=None if domain == "avg" else [domain]
+            ).as_dict()
+            for domain in ("avg", *domains)
+        }
+        for label, (a, b) in pairs.items()
+    }
+
+
+def _interval(found: Mapping[str, object]) -> str:
+    return (
+        f"{found['mean_percent']:+.2f} % [{found['low']:+.2f}, {found['high']:+.2f}] "
+        f"({found['verdict']})"
+    )
 
 
 def verdict(models: Mapping[str, dict], domains: Sequence[str]) -> dict:
@@ -139,36 +144,11 @@ def _verdict_text(results: dict) -> str:
         "- per domain vs clm_only: "
         + ", ".join(f"{d} {x:+.4f}" for d, x in v["delta_bpb_vs_clm_only_per_domain"].items()),
     ]
-    noise = results.get("noise")
-    if noise:
-        avg = noise["avg"]
+    orders = results.get("orders", 1)
+    for label, found in results.get("intervals", {}).items():
         lines.append(
-            f"- **over two data orders: fused − clm_only = {avg['delta_per_order'][0]:+.4f} and "
-            f"{avg['delta_per_order'][1]:+.4f} (mean {avg['delta_mean']:+.4f}); one order's own "
-            f"change spans {avg['band']:.4f}** — fused "
-            + (
-                "beats clm_only beyond that band."
-                if avg["beyond_band"]
-                else "does **not** beat clm_only beyond that band."
-            )
-        )
-        lines.append(
-            "- per domain, mean Δ (band): "
-            + ", ".join(
-                f"{d} {noise[d]['delta_mean']:+.4f} ({noise[d]['band']:.4f})"
-                + (" ✓" if noise[d]["beyond_band"] else "")
-                for d in results["domains"]
-            )
-        )
-        teacher = noise["vs_best_single_teacher"]
-        lines.append(
-            f"- against the best single teacher ({teacher['arm']}): fused (mean of both orders) "
-            f"{teacher['delta_mean']:+.4f} — "
-            + (
-                "better beyond the band."
-                if teacher["beyond_band"]
-                else "not better beyond the band."
-            )
+            f"- **{label} over {orders} data orders: {_interval(found['avg'])}** on average; "
+            + ", ".join(f"{d} {_interval(found[d])}" for d in results["domains"])
         )
     losers = {n: d for n, d in v["delta_avg_bpb_vs"].items() if d >= 0}
     if v["fused_beats_all"]:
@@ -260,8 +240,11 @@ def write_report(out: Path, results: dict, settings: Mapping[str, object]) -> No
         + ", ".join(f"{k} {v:.0f} s" for k, v in results["phase_seconds"].items())
         + ")",
         "",
-        "`fused` and `clm_only` ran on two data orders (`*_order2`); every other arm on one. "
-        "Run `fusion demo` without `--quick` for the larger budget and the FuseLLM variants.",
+        f"`fused`, `clm_only` and the best single teacher ran on {results.get('orders', 1)} data "
+        "orders (`*_order2`, …); every other arm on one. Intervals are 95 %: t over the orders "
+        "and a paired bootstrap over the held-out documents; a verdict 'beats' means the whole "
+        "interval lies below 0. Run `fusion demo` without `--quick` for the larger budget and "
+        "the FuseLLM variants.",
         "",
     ]
     write_text_atomically(out / "report.md", "\n".join(lines))

@@ -14,19 +14,21 @@ from fusion.demo.corpora import DOMAINS
 from fusion.demo.experiment import (
     LAM,
     LR,
-    SECOND_ORDER,
     arms,
+    ordered,
     prepare_dataset,
     train_arm,
     write_run_config,
 )
 from fusion.demo.report import (
+    intervals,
     learning_curve,
-    noise_band,
     token_efficiency,
     verdict,
     write_report,
 )
+from fusion.demo.real_source import NAME as GEMMA
+from fusion.demo.real_source import gemma_folder
 from fusion.demo.world import PAIR, SOURCES, TARGET, TOKENIZERS, Scale, World, build_world
 
 QUICK = Scale(
@@ -76,15 +78,20 @@ def _baselines(world: World, out: Path, echo: Callable[[str], None]) -> dict[str
     return members
 
 
-def _evaluate(members: dict[str, list[str]], world: World, scale: Scale) -> dict[str, dict]:
+def _evaluate(
+    members: dict[str, list[str]], world: World, scale: Scale, *, documents: bool = False
+) -> dict[str, dict]:
     from fusion.evaluate.bpb import evaluate
 
     corpora = {domain: str(path) for domain, path in world.held_out.items()}
-    return evaluate(members, corpora, max_length=scale.max_length, batch_size=16)
+    return evaluate(
+        members, corpora, max_length=scale.max_length, batch_size=16, documents=documents
+    )
 
 
 def _roles(arm_list, best: str) -> dict[str, str]:
     roles = {spec.name: f"source ({spec.architecture}, {spec.tokenizer})" for spec in SOURCES}
+    roles[GEMMA] = "source (Gemma-3-270M, GGUF, 262,144 tokens)"
     roles |= {
         TARGET.name: "target before training",
         "code_tuned": "target_init tuned on code",
@@ -101,9 +108,11 @@ def run_demo(
     *,
     quick: bool = False,
     scale: Scale | None = None,
+    real_source: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict:
-    """Run the whole experiment under ``out`` and return ``results.json``'s content."""
+    """Run the whole experiment under ``out`` and return ``results.json``'s content; with
+    ``real_source``, Gemma-3-270M teaches as a fourth source."""
     import ray
     import ray.data
 
@@ -124,6 +133,8 @@ def run_demo(
     tick = time.perf_counter()
     echo(f"building the world under {out / 'world'} (cached after the first run)")
     world = build_world(out / "world", scale, echo=echo)
+    if real_source:
+        world.models[GEMMA] = gemma_folder(out / "world" / "models")
     config_file = write_run_config(world, out, scale)
     tick = phase("world", tick)
 
@@ -131,7 +142,8 @@ def run_demo(
     members = {name: [str(world.models[name])] for name in world.models}
     members |= _baselines(world, out, echo)
     models = _evaluate(members, world, scale)
-    best = min((spec.name for spec in SOURCES), key=lambda n: models[n]["avg_bpb"])
+    sources = [spec.name for spec in SOURCES] + ([GEMMA] if real_source else [])
+    best = min(sources, key=lambda n: models[n]["avg_bpb"])
     arm_list = arms(scale, best)
     tick = phase("baselines", tick)
 
@@ -147,7 +159,7 @@ def run_demo(
     tick = phase("train", tick)
 
     echo("evaluating the trained arms")
-    models |= _evaluate({n: [str(p)] for n, p in exports.items()}, world, scale)
+    models |= _evaluate({n: [str(p)] for n, p in exports.items()}, world, scale, documents=True)
     phase("evaluate", tick)
 
     summaries = {
@@ -168,7 +180,15 @@ def run_demo(
         "wall_seconds": round(time.perf_counter() - started, 1),
         "phase_seconds": phases,
         "verdict": verdict(models, DOMAINS),
-        "noise": noise_band(models, DOMAINS, SECOND_ORDER, f"distill_{best}"),
+        "orders": scale.orders,
+        "intervals": intervals(
+            models,
+            DOMAINS,
+            {
+                arm: [ordered(arm, order) for order in range(scale.orders)]
+                for arm in ("fused", "clm_only", f"distill_{best}")
+            },
+        ),
         "token_efficiency": token_efficiency(curves["fused"], curves["clm_only"]),
         "curves": curves,
         "best_source": best,

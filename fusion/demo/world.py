@@ -44,6 +44,7 @@ class Scale:
     pretrain_batch: int = 32
     max_length: int = 320
     seed: int = 0
+    orders: int = 3  # data orders (seeds) of the arms compared with an interval
 
 
 @dataclass(frozen=True)
