@@ -12,8 +12,8 @@ Table 1 (fidelity, on held-out text): coverage, the next target token in the sto
 the teacher's bits per byte as stored in target ids (mass outside the top-k counted) beside
 the source's own. Table 2: arms trained by `fusion train` from the same target on the same
 chunks (AdamW, the demo's schedule), one row per arm, epochs and seed, held-out bits per byte
-and the difference to CLM trained with the same seed and epochs; the seed band is how far
-CLM moves between seeds.
+and the difference to CLM trained with the same seed and epochs, with its 95 % interval (t
+over seeds, paired bootstrap over the held-out documents).
 
     .venv/bin/python -m bench.science                                   # Gemma → demo target
     .venv/bin/python -m bench.science --fidelity-only --source demo:all  # the demo's experts
@@ -260,6 +260,7 @@ def main() -> None:
     from fusion.demo.run import FULL
     from fusion.demo.world import TARGET, build_world
     from fusion.evaluate.bpb import evaluate
+    from fusion.evaluate.verdict import DocumentScores, compare
 
     args.out = args.out.resolve()
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -311,8 +312,10 @@ def main() -> None:
     long_arms = set(args.long_arms.split(","))
     arms = [ARMS[a] for a in args.arms.split(",")]
     bpb: dict[str, float] = {}
+    documents: dict[str, DocumentScores] = {}
     held = {"held_out": str(held_text)}
     base = evaluate({"target_init": [str(target)]}, held, max_length=320)["target_init"]["avg_bpb"]
+    sizes = None
     for count in epochs:
         for arm in arms:
             if count == max(epochs) and len(epochs) > 1 and arm.name not in long_arms:
@@ -321,31 +324,36 @@ def main() -> None:
                 arm_data = data[arm.view or "bytes"]  # CLM ignores the teacher (λ = 1)
                 export = _train(target, name, arm_data, arm, seed, count, args.out / "arms")
                 key = f"{arm.name}/e{count}/s{seed}"
-                bpb[key] = evaluate({key: [str(export)]}, held, max_length=320)[key]["avg_bpb"]
+                found = evaluate({key: [str(export)]}, held, max_length=320, documents=True)[key]
+                bpb[key] = found["avg_bpb"]
+                documents[key] = DocumentScores({"held_out": found["documents"]["held_out"]["nll"]})
+                sizes = {"held_out": found["documents"]["held_out"]["bytes"]}
                 print(f"  {key}: {bpb[key]:.4f} bits/byte", flush=True)
 
-    rows = []
+    rows, verdicts = [], {}
     for count in epochs:
-        clm = {s: bpb.get(f"clm/e{count}/s{s}") for s in seeds}
-        band = max(clm.values()) - min(clm.values()) if None not in clm.values() else None
+        clm = {s: documents.get(f"clm/e{count}/s{s}") for s in seeds}
         for arm in arms:
             values = {s: bpb.get(f"{arm.name}/e{count}/s{s}") for s in seeds}
-            if None in values.values():
+            if None in values.values() or None in clm.values():
                 continue
-            deltas = [values[s] / clm[s] - 1 for s in seeds if clm[s]]
+            ours = {s: documents[f"{arm.name}/e{count}/s{s}"] for s in seeds}
+            found = compare(ours, clm, sizes)
+            verdicts[f"{arm.name}/e{count}"] = found.as_dict()
             rows.append(
                 (
                     arm.name,
                     str(count),
                     " / ".join(f"{values[s]:.4f}" for s in seeds),
-                    " / ".join(f"{100 * d:+.2f} %" for d in deltas),
-                    f"{sum(deltas) / len(deltas) * 100:+.2f} %",
-                    f"{band:.4f}" if band is not None else "—",
+                    " / ".join(f"{d:+.2f} %" for d in found.per_seed),
+                    f"{found.mean:+.2f} % [{found.low:+.2f}, {found.high:+.2f}]",
+                    found.verdict,
                 )
             )
     figures |= {
         "target_init_bpb": base,
         "bpb": bpb,
+        "verdicts": verdicts,
         "seeds": seeds,
         "epochs": epochs,
         "train_tokens": {
@@ -360,7 +368,14 @@ def main() -> None:
         "science",
         rows,
         figures,
-        header=("arm", "epochs", "bpb per seed", "vs CLM per seed", "mean vs CLM", "CLM seed band"),
+        header=(
+            "arm",
+            "epochs",
+            "bpb per seed",
+            "vs CLM per seed",
+            "vs CLM, mean [95 %]",
+            "verdict",
+        ),
     )
 
 

@@ -52,8 +52,7 @@ def test_quick_demo_writes_a_complete_report_of_finite_numbers(ray_cluster, tmp_
     }.items():
         found = saved["intervals"][label]["avg"]
         by_hand = [
-            100 * (models[a + o]["avg_bpb"] / models[b + o]["avg_bpb"] - 1)
-            for o in ("", "_order2")
+            100 * (models[a + o]["avg_bpb"] / models[b + o]["avg_bpb"] - 1) for o in ("", "_order2")
         ]
         assert found["per_seed_percent"] == pytest.approx(by_hand, abs=1e-2)
         assert found["low"] <= found["mean_percent"] <= found["high"]

@@ -40,7 +40,7 @@ class Arm:
     dataset: str
     description: str
     teacher: str = "fused"
-    lam: float = LAM
+    lam: float | str = LAM  # "auto": chosen from the data set's fidelity
     order: int = 0
     train: dict = field(default_factory=dict, hash=False)
 

@@ -20,6 +20,8 @@ from fusion.demo.experiment import (
     train_arm,
     write_run_config,
 )
+from fusion.demo.real_source import NAME as GEMMA
+from fusion.demo.real_source import gemma_folder
 from fusion.demo.report import (
     intervals,
     learning_curve,
@@ -27,8 +29,6 @@ from fusion.demo.report import (
     verdict,
     write_report,
 )
-from fusion.demo.real_source import NAME as GEMMA
-from fusion.demo.real_source import gemma_folder
 from fusion.demo.world import PAIR, SOURCES, TARGET, TOKENIZERS, Scale, World, build_world
 
 QUICK = Scale(
