@@ -20,7 +20,7 @@ from pathlib import Path
 from bench.common import report
 from fusion.demo.corpora import DOMAINS
 from fusion.demo.experiment import Arm, ordered, prepare_dataset, train_arm
-from fusion.demo.run import FULL, QUICK
+from fusion.demo.run import FULL, QUICK, held_out_files
 from fusion.demo.world import build_world
 from fusion.evaluate.bpb import evaluate
 from fusion.evaluate.verdict import DocumentScores, compare
@@ -110,7 +110,7 @@ def main() -> None:
                 ordered(name, order), dataset, variant.description, lam=variant.lam, order=order
             )
             exports[arm.name] = str(train_arm(world, out, scale, arm, echo=print))
-    corpora = {domain: str(path) for domain, path in world.held_out.items()}
+    corpora = {domain: str(path) for domain, path in held_out_files(out, scale).items()}
     scores = evaluate(
         {n: [p] for n, p in exports.items()},
         corpora,

@@ -19,6 +19,7 @@ TINY = replace(
     code_chars=150_000,
     arith_lines=3_000,
     held_out_chars=3_000,
+    eval_chars=3_000,
     expert_steps=3,
     target_steps=2,
     tuned_steps=2,

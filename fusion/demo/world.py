@@ -45,6 +45,7 @@ class Scale:
     max_length: int = 320
     seed: int = 0
     orders: int = 3  # data orders (seeds) of the arms compared with an interval
+    eval_chars: int = 60_000  # held-out text per domain the report's verdicts are scored on
 
 
 @dataclass(frozen=True)
