@@ -184,6 +184,8 @@ def _arms(sources: list[str], experts: list[str], rules: list[str]) -> list[Arm]
     if "seq" in rules:  # λ: the paper's 0.9, and chosen from the teacher's fidelity
         arms.append(Arm("fused:seq@0.9", "fused", rule="seq", lam=0.9))
         arms.append(Arm("fused:seq@auto", "fused", rule="seq", lam="auto"))
+    if "token" in rules:
+        arms.append(Arm("fused:token@auto", "fused", rule="token", lam="auto"))
     return arms
 
 
@@ -300,7 +302,7 @@ def _verdicts(
         for arm in arms:
             found = {s: results.get(f"{arm.name}/e{epochs}/s{s}") for s in seeds}
             found = {s: r for s, r in found.items() if r is not None}
-            if len(found) < 2:
+            if not found:
                 continue
             sizes = sizes or {
                 d: v["bytes"] for d, v in next(iter(found.values()))["documents"].items()
@@ -315,7 +317,8 @@ def _verdicts(
             }
         if "clm" not in scores:
             continue
-        singles = [a.name for a in arms if a.kind == "single" and a.name in scores]
+        paired = {name for name, found in scores.items() if len(found) >= 2}
+        singles = [a.name for a in arms if a.kind == "single" and a.name in paired]
         best = min(singles, key=lambda n: means[n]["avg"]) if singles else None
         for arm in arms:
             if arm.name not in scores:
@@ -325,8 +328,8 @@ def _verdicts(
                 {"best single": best} if best and arm.kind == "fused" else {}
             )
             for label, other in versus.items():
-                if other == arm.name:
-                    continue
+                if other == arm.name or arm.name not in paired or other not in paired:
+                    continue  # a verdict needs two seeds of both arms
                 entry[f"vs {label}"] = {
                     domain: compare(
                         scores[arm.name],
@@ -346,6 +349,7 @@ def _verdicts(
                 (
                     arm.name,
                     f"{epochs}×" if epochs > 1 else "1× (demo)",
+                    ",".join(str(seed) for seed in sorted(scores[arm.name])),
                     f"{means[arm.name]['avg']:.4f}",
                     " / ".join(f"{means[arm.name][d]:.3f}" for d in held),
                     against_clm,
@@ -374,6 +378,11 @@ def main() -> None:
         default="clm,single:gemma,fused:seq,fused:prefix",
         help="arms trained at budgets beyond the first (comma-separated)",
     )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="arms not trained (comma-separated), e.g. one whose λ auto resolves to 0.5 anyway",
+    )
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--report", action="store_true", help="tables of what is done, no training")
     args = parser.parse_args()
@@ -394,6 +403,7 @@ def main() -> None:
     rules = args.rules.split(",")
     arms = _arms(list(sources), experts, rules)
     long_arms = set(args.long_arms.split(","))
+    skipped = set(filter(None, args.skip.split(",")))
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     folders = {}
@@ -404,7 +414,7 @@ def main() -> None:
         for epochs in budgets:
             for seed in seeds:
                 for arm in arms:
-                    if epochs != budgets[0] and arm.name not in long_arms:
+                    if arm.name in skipped or (epochs != budgets[0] and arm.name not in long_arms):
                         continue
                     key = f"{arm.name}/e{epochs}/s{seed}"
                     if key in results:
@@ -418,7 +428,10 @@ def main() -> None:
         name: _domain_diagnostics(folder)
         for name, folder in [
             ("all", data),
-            *((a, data.parent / a.split(":")[1]) for a in ("fused:seq", "fused:prefix")),
+            *(
+                (a, data.parent / a.split(":")[1])
+                for a in ("fused:seq", "fused:token", "fused:prefix")
+            ),
         ]
         if (folder / "manifest.json").is_file()
     }
@@ -441,7 +454,15 @@ def main() -> None:
                 for d, p in held.items()
             },
         },
-        header=("arm", "budget", "avg bpb", "per domain", "vs CLM (95 %)", "vs best single (95 %)"),
+        header=(
+            "arm",
+            "budget",
+            "seeds",
+            "avg bpb",
+            "per domain",
+            "vs CLM (95 %)",
+            "vs best single (95 %)",
+        ),
     )
 
 

@@ -56,6 +56,21 @@ def test_the_evaluation_part_is_a_paired_bootstrap_over_documents():
     assert found.eval_half_width == pytest.approx(1.959964 * math.sqrt(50), rel=0.02)
 
 
+def test_the_two_parts_add_in_quadrature():
+    """Seeds −1 and −3 % (one byte each): seed part 12.706 · √2 / √2 = 12.706; two documents
+    that differ by ∓10 % on every seed: evaluation part 13.86 (above); the half-width is
+    √(12.706² + 13.86²) = 18.80, not their sum 26.57."""
+    b = _arm({s: {"x": [1.0, 1.0]} for s in (1, 2)})
+    a = _arm({1: {"x": [0.89, 1.09]}, 2: {"x": [0.87, 1.07]}})
+    found = compare(a, b, {"x": [1, 1]}, resamples=40_000)
+    assert found.mean == pytest.approx(-2.0)
+    assert found.seed_half_width == pytest.approx(12.706)
+    assert found.eval_half_width == pytest.approx(1.959964 * math.sqrt(50), rel=0.02)
+    expected = math.hypot(12.706, 1.959964 * math.sqrt(50))
+    assert found.high - found.mean == pytest.approx(expected, rel=0.01)
+    assert found.low == pytest.approx(found.mean - (found.high - found.mean))
+
+
 def test_a_difference_the_same_on_every_document_has_no_evaluation_noise():
     """Documents of very different difficulty, A 5 % below B on each: every paired draw
     differs by exactly −5 % (an unpaired bootstrap would see the documents' spread)."""
