@@ -36,6 +36,21 @@ def test_auto_reads_the_teachers_and_the_targets_figures_from_the_manifest():
         auto_lam(_manifest(None), "fused", "data")
 
 
+def test_a_teacher_fused_per_token_is_read_as_its_best_source():
+    """Per token the fused teacher is chosen by the label (1.6 here, as good as it looks only
+    because some candidate held each label): auto reads the best source instead, src2 at 2.4
+    against the target's own 3.2 — 0.9 − 0.25 — and never the target's own column."""
+    manifest = _manifest(3.2)
+    manifest["diagnostics"]["candidates"] |= {"src2": {"bits_per_byte": 2.4}}
+    manifest["diagnostics"]["candidates"]["src"]["bits_per_byte"] = 2.8
+    manifest["diagnostics"]["candidates"]["target"]["bits_per_byte"] = 2.0
+    manifest["config"] = {"fuse": {"granularity": "token"}}
+    lam, why = auto_lam(manifest, "fused", "data")
+    assert lam == 0.65 and "'src2'" in why and "2.400 bits/byte" in why
+    manifest["config"] = {"fuse": {"granularity": "sequence"}}
+    assert auto_lam(manifest, "fused", "data")[0] == 0.5  # per sequence: the fused teacher
+
+
 def test_auto_is_a_setting_and_streaming_refuses_it(tmp_path):
     raw = {
         "target": {"path": "t"},
