@@ -181,6 +181,15 @@ def _arms(sources: list[str], experts: list[str], rules: list[str]) -> list[Arm]
     arms += [Arm(f"fused:{rule}", "fused", rule=rule) for rule in rules]
     if len(sources) > len(experts):  # "experts only" against "experts + Gemma", one prepare
         arms.append(Arm("fused-experts:seq", "fused", rule="seq", extra={"drop": ("gemma",)}))
+        arms.append(
+            Arm(
+                "fused-experts:seq@auto",
+                "fused",
+                rule="seq",
+                lam="auto",
+                extra={"drop": ("gemma",)},
+            )
+        )
     if "seq" in rules:  # λ: the paper's 0.9, and chosen from the teacher's fidelity
         arms.append(Arm("fused:seq@0.9", "fused", rule="seq", lam=0.9))
         arms.append(Arm("fused:seq@auto", "fused", rule="seq", lam="auto"))

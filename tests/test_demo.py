@@ -62,6 +62,12 @@ def test_quick_demo_writes_a_complete_report_of_finite_numbers(ray_cluster, tmp_
     main = saved["teacher_data"]["main"]["diagnostics"]
     assert main["fused"]["fallback_over_real"] == 0
     assert set(main["candidates"]) == {"target", "code_expert", "prose_expert", "arith_expert"}
+    # λ auto, recomputed from the manifest's figures: 0.9 less the share of the target's own
+    # bits the teacher saves, held within [0.5, 0.9]
+    own = main["candidates"]["target"]["own_bits_per_byte"]
+    gain = 1 - main["fused"]["bits_per_byte"] / own
+    assert saved["lam"]["fused"] == pytest.approx(min(0.9, max(0.5, 0.9 - gain)), abs=1e-4)
+    assert saved["lam"]["fused_order2"] == saved["lam"]["fused"] and saved["lam"]["clm_only"] == 1
     for name, entry in saved["models"].items():
         assert set(entry["bpb"]) == set(saved["domains"]), name
         values = [*entry["bpb"].values(), entry["avg_bpb"]]

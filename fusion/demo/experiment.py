@@ -26,7 +26,10 @@ from fusion.demo.real_source import NAME as GEMMA
 from fusion.demo.world import SOURCES, TARGET, Scale, World
 from fusion.models.device import cpu_computes_bf16
 
-LAM = 0.5
+# λ from each data set's fidelity (`train.lam: auto`): 0.83 for the demo's three experts, whose
+# fused teacher saves the target 7 % of its bits, 0.5 with Gemma-3-270M (bench/multi_source.py:
+# λ 0.5 with weak sources was 2.6 % worse than CLM, auto within noise of it).
+LAM = "auto"
 LR = 1e-3
 MAIN_FUSE = {"method": "min_ce", "granularity": "sequence", "ce_unit": "byte"}
 MAIN_ALIGN = {"method": "bytes", "mode": "clean", "top_k": 10}
@@ -70,9 +73,9 @@ REFUSED: dict[str, dict] = {  # fused again from "main"'s stored candidates: fus
 def arms(scale: Scale, best_source: str) -> list[Arm]:
     """The arms of this scale: the baselines on every data order, the FuseLLM variants on the
     first when the scale allows."""
-    fused = f"fusion, λ={LAM}: MinCE per sequence over target + sources, bytes projection"
+    fused = f"fusion, λ {LAM}: MinCE per sequence over target + sources, bytes projection"
     clm = "continual training on the same text, λ=1"
-    single = f"single-teacher distillation from the best source ({best_source}), λ={LAM}"
+    single = f"single-teacher distillation from the best source ({best_source}), λ {LAM}"
     chosen = []
     for order in range(scale.orders):
         which = "" if order == 0 else f"; data order {order + 1}"
@@ -185,8 +188,9 @@ def write_run_config(world: World, out: Path, scale: Scale) -> Path:
     raw = raw_config(world, out, scale)
     header = (
         "# The demo's fused arm. Repeat it with `fusion prepare config.yaml && fusion train\n"
-        "# config.yaml` (or stream it with `fusion run config.yaml`); paths are relative to\n"
-        "# this file, so edit them to point at your own models and corpus.\n"
+        "# config.yaml`; paths are relative to this file, so edit them to point at your own\n"
+        "# models and corpus. To stream it with `fusion run config.yaml`, set train.lam to the\n"
+        "# number `fusion train` printed (auto reads the prepared data set's fidelity).\n"
     )
     import yaml
 

@@ -110,6 +110,13 @@ def _evaluate(
     )
 
 
+def _trained_lam(export: Path) -> float:
+    """The λ an arm trained with (``auto`` resolved), from the config its export keeps."""
+    import yaml
+
+    return float(yaml.safe_load((export / "fusion-config.yaml").read_text())["train"]["lam"])
+
+
 def _roles(arm_list, best: str) -> dict[str, str]:
     roles = {spec.name: f"source ({spec.architecture}, {spec.tokenizer})" for spec in SOURCES}
     roles[GEMMA] = "source (Gemma-3-270M, GGUF, 262,144 tokens)"
@@ -188,6 +195,7 @@ def run_demo(
         name: json.loads((path / "training_summary.json").read_text())
         for name, path in exports.items()
     }
+    lams = {name: _trained_lam(path) for name, path in exports.items()}
     tokens = {summary["tokens_seen"] for summary in summaries.values()}
     if len(tokens) != 1:
         raise RuntimeError(f"arms saw different token counts: {tokens}; the comparison is unfair")
@@ -216,6 +224,7 @@ def run_demo(
         "best_source": best,
         "roles": _roles(arm_list, best),
         "arms": {arm.name: arm.description for arm in arm_list},
+        "lam": lams,
         "teacher_data": {
             name: {k: m[k] for k in ("rows", "tokens", "bytes_per_token", "diagnostics")}
             for name, m in manifests.items()
@@ -232,7 +241,12 @@ def run_demo(
         f"target_init {scale.target_steps} steps (1:1:1), pair {scale.tuned_steps} steps from "
         f"target_init, {scale.pretrain_batch} spans per step",
         "continual training": f"{scale.continual_steps} steps × {scale.continual_batch} chunks, "
-        f"lr {LR:g} (10% warm-up, cosine to 10%), AdamW (0.9, 0.95), λ = {LAM} for fusion arms",
+        f"lr {LR:g} (10% warm-up, cosine to 10%), AdamW (0.9, 0.95), λ {LAM} for fusion arms: "
+        + ", ".join(
+            f"{name} {lam:g}"
+            for name, lam in lams.items()
+            if "_order" not in name and name != "clm_only"  # the other orders train alike
+        ),
         "arms": "; ".join(f"`{arm.name}`: {arm.description}" for arm in arm_list),
         "teacher data": "; ".join(
             f"{name}: {m['rows']} rows, {m['tokens']:,} tokens" for name, m in manifests.items()
