@@ -58,7 +58,8 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(zero2_run, strate
     if strategy == "ddp":  # λ chosen from the data set's fidelity (train.lam: auto)
         storage = tmp_path / "ddp"
         found = json.loads((Path(raw["output"]["dir"]) / "manifest.json").read_text())
-        teacher = found["diagnostics"]["fused"]["bits_per_byte"]
+        assert found["config"]["fuse"]["granularity"] == "token"  # chosen by the label: auto
+        teacher = found["diagnostics"]["candidates"]["src"]["bits_per_byte"]  # reads the source
         own = found["diagnostics"]["candidates"]["target"]["own_bits_per_byte"]
         gain = 1 - teacher / own
         lam = round(min(0.9, max(0.5, 0.9 - gain)), 4)
