@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -97,42 +97,30 @@ HELD_OUT_CHARS = 60_000  # per domain: sized so that the evaluation part of an i
 
 def _world(name: str, out: Path):
     """The world's models, continual corpus and held-out files (``HELD_OUT_CHARS`` each)."""
-    from fusion.demo.corpora import build_corpora, write_jsonl
-    from fusion.demo.run import FULL
+    from fusion.demo.corpora import write_jsonl
+    from fusion.demo.run import FULL, held_out_files
 
     echo = lambda line: print(line, flush=True)  # noqa: E731
     if name == "demo":
         from fusion.demo.world import SOURCES, build_world
 
         world = build_world(out / "world-demo", FULL, echo=echo)
-        corpora = build_corpora(
-            code_chars=FULL.code_chars,
-            arith_lines=FULL.arith_lines,
-            held_out_chars=HELD_OUT_CHARS,
-            continual_share=0.3,
-            seed=FULL.seed,
-        )
-        held = corpora.held_out
-        experts = [spec.name for spec in SOURCES]
-    else:
-        from bench.system_world import SOURCES, build_system_world
+        files = held_out_files(out, replace(FULL, eval_chars=HELD_OUT_CHARS))
+        return world, [spec.name for spec in SOURCES], files
+    from bench.system_world import SOURCES, build_system_world
 
-        world = build_system_world(
-            out / "world-system", FULL, echo=echo, held_out_chars=HELD_OUT_CHARS
-        )
-        held = {
-            d: [json.loads(x)["text"] for x in p.read_text().splitlines()]
-            for d, p in world.held_out.items()
-        }
-        experts = [spec.name for spec in SOURCES]
+    world = build_system_world(out / "world-system", FULL, echo=echo, held_out_chars=HELD_OUT_CHARS)
     files = {
         domain: write_jsonl(
             out / "held-out" / f"{domain}.jsonl",
-            [{"id": f"{domain}-{i}", "text": t} for i, t in enumerate(texts)],
+            [
+                {"id": f"{domain}-{i}", "text": json.loads(line)["text"]}
+                for i, line in enumerate(path.read_text().splitlines())
+            ],
         )
-        for domain, texts in held.items()
+        for domain, path in world.held_out.items()
     }
-    return world, experts, files
+    return world, [spec.name for spec in SOURCES], files
 
 
 def _prepare(world, sources: dict[str, Path], out: Path) -> Path:
