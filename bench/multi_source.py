@@ -123,15 +123,14 @@ def _world(name: str, out: Path):
     return world, [spec.name for spec in SOURCES], files
 
 
-def _prepare(world, sources: dict[str, Path], out: Path) -> Path:
-    """The one `fusion prepare` every arm is fused from: target and every source, bytes."""
-    from fusion.config import parse_config
+def prepare_config(world, sources: dict[str, Path], out: Path, name: str = "all") -> dict:
+    """The config of the one `fusion prepare` every arm is fused from: target and every
+    source, bytes projection, into ``out/teacher/NAME``."""
     from fusion.demo.world import TARGET
-    from fusion.teacher.pipeline import prepare
 
     heavy = {"num_cpus": 0.6, "cpu_threads": 2, "batch_size": 4}
     light = {"num_cpus": 0.2, "cpu_threads": 1, "batch_size": 16}
-    raw = {
+    return {
         "target": {"path": str(world.models[TARGET.name]), **light},
         "sources": [
             {"name": name, "path": str(path), **(heavy if name == "gemma" else light)}
@@ -145,8 +144,16 @@ def _prepare(world, sources: dict[str, Path], out: Path) -> Path:
         },
         "align": {"method": "bytes", "mode": "clean", "top_k": 10, "map_cache": str(out / "maps")},
         "fuse": {"method": "min_ce", "granularity": "sequence"},
-        "output": {"dir": str(out / "teacher" / "all"), "rows_per_file": 256},
+        "output": {"dir": str(out / "teacher" / name), "rows_per_file": 256},
     }
+
+
+def _prepare(world, sources: dict[str, Path], out: Path) -> Path:
+    """Run the one `fusion prepare` every arm is fused from (resumed where it stopped)."""
+    from fusion.config import parse_config
+    from fusion.teacher.pipeline import prepare
+
+    raw = prepare_config(world, sources, out)
     started = time.perf_counter()
     summary = prepare(parse_config(raw), quiet=True, echo=lambda line: print(line, flush=True))
     print(f"prepared {summary.line()} ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -34,6 +34,7 @@ from fusion.data.reader import ChunkStage
 from fusion.models.loading import load_tokenizer, model_tokenizer
 from fusion.teacher.contract import candidates
 from fusion.teacher.pipeline import build_bridges, prepare
+from fusion.teacher.plan import resolve
 from fusion.teacher.rows import FUSED, schema
 from fusion.teacher.stages import AlignStage, ForwardStage, fuse_batch, write_batch
 from fusion.testing.toy import save_model_dir, tiny_causal_lm, train_tokenizer
@@ -126,7 +127,7 @@ def stage_costs(root: Path, out: Path) -> dict[str, float]:
     batch_of = {k: np.asarray([s[k] for s in shards]) for k in shards[0]}
     batch = timed("chunk (read, tokenize, cut)", reader, batch_of)
     tokens = sum(len(ids) for ids in batch["input_ids"])
-    bridges = build_bridges(config)
+    bridges = build_bridges(resolve(config))
     for source in config.sources:
         forward = ForwardStage(
             source.name, source, num_cpus=1, num_gpus=0, top_k=TOP_K, mode="clean"

@@ -251,10 +251,20 @@ def prepare(
         bool, typer.Option(help="Delete an output folder that holds another run.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="Compute only this candidate's columns (a source's name, or 'target'); fuse "
+            "nothing. Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Run the source models over the corpus, align and fuse: write the teacher data set.
 
-    Resumable: run it again on the same output and it skips what is complete.
+    Resumable: run it again on the same output and it skips what is complete. Each source's
+    columns are kept apart: a config that adds a source runs only that one, a config that
+    drops one runs no model, and `--only NAME` computes one source's columns at its own time.
     """
     from fusion.config import load_config
     from fusion.errors import FusionError
@@ -266,10 +276,13 @@ def prepare(
             config = config.model_copy(
                 update={"output": config.output.model_copy(update={"dir": output})}
             )
-        summary = run_prepare(config, overwrite=overwrite, quiet=quiet, echo=typer.echo)
+        summary = run_prepare(
+            config, overwrite=overwrite, quiet=quiet, echo=typer.echo, only=only or ()
+        )
     except FusionError as error:
         raise _fail(error) from None
-    typer.echo(f"prepared {summary.output_dir}: {summary.line()}")
+    if summary is not None:
+        typer.echo(f"prepared {summary.output_dir}: {summary.line()}")
 
 
 @app.command()

@@ -152,3 +152,57 @@ def test_the_fusion_window_changes_the_rows_only_under_the_rules_that_read_it(
         out.claim(fingerprint(wider), wider.model_dump(mode="json"))
     sequence = parse_config(BASE)
     assert fingerprint(sequence) == fingerprint(parse_config(_changed("fuse.window", 64)))
+
+
+# Where each setting that changes the rows acts, once each candidate's columns are a unit
+# of their own: the chunking (a re-run on the same output is refused, naming the field), a
+# unit's settings (that unit is computed again alone), only the fusion (re-fused, no model),
+# or the model's files (hashed: tested with real folders in test_units.py).
+LAYER = {
+    "target.path": "files",
+    "sources.0.path": "files",
+    "sources.0.name": "fusion",  # another unit's name: computed as a new one
+    "target.as_teacher": "fusion",
+    **{f: "chunking" for f in CHANGES_ROWS if f.startswith("data.")},
+    **{f: "fusion" for f in CHANGES_ROWS if f.startswith("fuse.")},
+}
+
+
+def _layers(raw: dict) -> tuple[dict, dict, dict]:
+    """The chunking key and both units' settings of a config, its tokenizers left out (the
+    target's vocabulary and BOS are fixed here; the tokenizer tests cover those)."""
+    from fusion.data.corpus import Shard
+    from fusion.teacher.plan import ModelPlan, RunPlan, chunking_key, unit_settings
+
+    config = parse_config(raw)
+    source = config.sources[0]
+    plan = RunPlan(
+        config=config,
+        target=ModelPlan("target", config.target, "target", None),
+        sources={source.name: ModelPlan(source.name, source, "sources.0", None)},
+        vocab_size=100,
+        target_vocab="v",
+        target_bos=1,
+    )
+    chunking = chunking_key(plan, [Shard(0, config.data.paths[0], "jsonl", size=10)])
+    return chunking, unit_settings(plan, "target"), unit_settings(plan, source.name)
+
+
+@pytest.mark.parametrize(("field", "value"), list(CHANGES_ROWS.items()))
+def test_each_setting_that_changes_the_rows_acts_on_its_own_layer(field, value):
+    base, changed = _layers(copy.deepcopy(BASE)), _layers(_changed(field, value))
+    layer = LAYER.get(field, "unit")
+    if layer == "chunking":
+        assert base[0] != changed[0]
+        assert field in {k for k in base[0] if base[0][k] != changed[0][k]}  # named
+    elif layer == "unit":
+        assert base[0] == changed[0]
+        assert base[1:] != changed[1:]
+    else:  # fusion or files: neither the chunks nor a unit's settings
+        assert base == changed
+    assert fingerprint(parse_config(BASE)) != fingerprint(parse_config(_changed(field, value)))
+
+
+@pytest.mark.parametrize(("field", "value"), list(KEEPS_ROWS.items()))
+def test_a_setting_that_keeps_the_rows_changes_no_layer(field, value):
+    assert _layers(copy.deepcopy(BASE)) == _layers(_changed(field, value))

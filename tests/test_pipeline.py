@@ -28,6 +28,7 @@ from fusion.models.loading import load_tokenizer
 from fusion.teacher.backends.hf import HFTopK
 from fusion.teacher.fuse import NO_TEACHER
 from fusion.teacher.pipeline import build_bridges, build_projections, prepare
+from fusion.teacher.plan import resolve
 from fusion.teacher.refuse import refuse
 from fusion.teacher.stages import align_row
 from fusion.testing.toy import save_model_dir, tiny_causal_lm, train_tokenizer
@@ -116,7 +117,7 @@ def test_prepare_writes_the_row_contract_and_a_manifest(prepared):
 def test_aligned_top_k_equals_the_alignment_functions_called_directly(prepared):
     config, _, out = prepared
     rows = pq.read_table(out / "data").sort_by("id").slice(0, 6).to_pylist()
-    bridges = build_bridges(config)
+    bridges = build_bridges(resolve(config))
     target_tokenizer = load_tokenizer(config.target.path)
     for index, source in enumerate(config.sources):
         reader = HFTopK(source, f"sources.{index}", num_gpus=0, top_k=10)
@@ -215,7 +216,7 @@ def test_bytes_method_stores_each_sources_projection_as_the_backend_computes_it(
     assert found["fused"]["bits_per_byte"] == pytest.approx(
         _fidelity_by_hand(everything, "fused", target_tokenizer)[0], abs=2e-4
     )
-    projections = build_projections(config)
+    projections = build_projections(resolve(config))
     rows = pq.read_table(out / "data").sort_by("id").slice(0, 4).to_pylist()
     for index, source in enumerate(config.sources):
         reader = HFTopK(source, f"sources.{index}", num_gpus=0, top_k=10)
@@ -270,21 +271,26 @@ def test_killed_prepare_resumes_to_the_same_rows_with_none_missing_or_repeated(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    commits = out / "commits"
+    unit = out / "units" / "coder"  # killed while the source's columns are being written
     deadline = time.monotonic() + 240
-    while not (commits.is_dir() and any(commits.glob("*.json"))):
+    while not ((unit / "commits").is_dir() and any((unit / "commits").glob("*.json"))):
         assert process.poll() is None, "prepare ended before committing a part"
         assert time.monotonic() < deadline, "no part committed in time"
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    committed_at_kill = len(list(commits.glob("*.json")))
+    kept = {p.name: p.read_bytes() for p in (unit / "data").glob("*.parquet")}
+    committed = {p.name.removesuffix(".json") for p in (unit / "commits").glob("*.json")}
     assert not (out / "manifest.json").exists()
 
     resumed = prepare(parse_config(raw | {"ray": {}}), quiet=True)
     ids = pq.read_table(out / "data")["id"].to_pylist()
     assert len(ids) == len(set(ids))
-    assert resumed.rows == summary.rows and committed_at_kill < resumed.files
+    unit_ids = pq.read_table(unit / "data", columns=["id"])["id"].to_pylist()
+    assert sorted(unit_ids) == sorted(set(unit_ids)) == sorted(ids)
+    for name in committed:  # what was committed before the kill is kept as it was
+        assert (unit / "data" / name).read_bytes() == kept[name]
+    assert resumed.rows == summary.rows and len(committed) < len(list(unit.glob("data/*")))
     # The same rows, value for value, as the uninterrupted run (parts are cut differently; the
     # fused columns differ as that run fused more sources).
     got = pq.read_table(out / "data").sort_by("id")
@@ -392,13 +398,17 @@ def test_refuse_without_a_source_keeps_every_other_choice_and_drops_its_columns(
     assert nothing.exit_code == 2 and "leaves no source" in nothing.output
 
 
-def test_another_config_on_the_same_output_is_refused(world, prepared):
+def test_a_config_that_cuts_the_corpus_another_way_is_refused_naming_the_field(world, prepared):
     _, _, out = prepared
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
     raw = _raw_config(world, out)
-    raw["align"] = {"method": "offsets"}
+    raw["data"]["max_length"] -= 8
     result = CliRunner().invoke(app, ["prepare", _write(raw, out.parent / "other.yaml")])
     assert result.exit_code == 2
-    assert "holds another run" in result.output
+    assert "holds chunks cut another way (data.max_length: the stored chunks were cut with " in (
+        " ".join(result.output.split())
+    )
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def _write(raw: dict, path: Path) -> str:
@@ -439,7 +449,7 @@ def test_estimate_predicts_tokens_and_bounds_disk_before_running(world, prepared
     config, summary, out = prepared
     result = estimate(config)
     assert 0.7 * summary.tokens < result.tokens < 1.3 * summary.tokens
-    written = sum(p.stat().st_size for p in (out / "data").glob("*.parquet"))
+    written = sum(p.stat().st_size for p in out.rglob("*.parquet"))  # units and chunks too
     assert result.disk_bytes > written
     assert [m.name for m in result.models] == ["target", "coder", "writer", "counter"]
     assert all(m.parameters > 0 and m.memory_bytes > 0 for m in result.models)

@@ -236,6 +236,7 @@ def test_readers_get_the_loaded_tokenizer_or_for_remote_code_a_function_that_loa
     from fusion.config import parse_config
     from fusion.data.reader import ChunkStage
     from fusion.teacher.pipeline import reader_tokenizer
+    from fusion.teacher.plan import resolve
 
     def config(remote: bool):
         target = {"path": str(model_dirs["target"]), "trust_remote_code": remote}
@@ -248,7 +249,8 @@ def test_readers_get_the_loaded_tokenizer_or_for_remote_code_a_function_that_loa
             }
         )
 
-    shipped, loaded = reader_tokenizer(config(False)), reader_tokenizer(config(True))
+    shipped = reader_tokenizer(resolve(config(False)))
+    loaded = reader_tokenizer(resolve(config(True)))
     assert set(shipped) == {"tokenizer"} and set(loaded) == {"load_tokenizer"}
     text = "def f(x):\n\treturn x — ünïcode"
     expected = shipped["tokenizer"](text, return_offsets_mapping=True)

@@ -107,9 +107,12 @@ def model_config_values(model: ModelConfig, field: str) -> dict:
     return values
 
 
-def check_model_folder(model: ModelConfig, field: str, *, label: str | None = None) -> None:
+def check_model_folder(
+    model: ModelConfig, field: str, *, label: str | None = None
+) -> PreTrainedTokenizerBase:
     """Check, before any actor starts, that a configured model folder can be loaded safely;
-    ``label`` names the folder in errors where no config field holds it (eval's --model)."""
+    ``label`` names the folder in errors where no config field holds it (eval's --model).
+    Returns the tokenizer it loaded, so a caller need not load it again."""
     where = label or f"{field}.path"
     folder = _folder(model.path, where)
     place = f"{where} {str(folder)!r}"
@@ -154,6 +157,7 @@ def check_model_folder(model: ModelConfig, field: str, *, label: str | None = No
             f"vocab_size {vocab_size}, so ids from {vocab_size} on have no embedding; the "
             "tokenizer and the weights do not belong together"
         )
+    return tokenizer
 
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
@@ -295,16 +299,21 @@ def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256("\n".join(vocab_list(tokenizer)).encode()).hexdigest()[:16]
 
 
-def check_models(config: FusionConfig) -> None:
+def check_models(config: FusionConfig) -> dict[str, PreTrainedTokenizerBase]:
     """Every configured model folder, and the target's context against the chunk length;
-    every problem is reported, one per line (a single one as itself)."""
+    every problem is reported, one per line (a single one as itself). Returns the tokenizers
+    it loaded, by config field (``target``, ``sources.0``, …)."""
     problems: list[FusionError] = []
+    tokenizers: dict[str, PreTrainedTokenizerBase] = {}
 
     def collect(check, *args) -> None:
         try:
-            check(*args)
+            result = check(*args)
         except FusionError as error:
             problems.append(error)
+        else:
+            if result is not None:
+                tokenizers[args[1]] = result
 
     collect(check_model_folder, config.target, "target")
     if not problems:  # the window is read from a folder that loads
@@ -317,3 +326,4 @@ def check_models(config: FusionConfig) -> None:
         raise ModelFolderError(
             f"{len(problems)} problems with the models:\n  " + "\n  ".join(map(str, problems))
         )
+    return tokenizers

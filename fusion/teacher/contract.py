@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from fusion import __version__
 from fusion.config import FusionConfig, SourceConfig
 from fusion.data.corpus import Shard
-from fusion.models.loading import model_tokenizer, training_bos, vocab_fingerprint
 from fusion.teacher.diagnostics import add_counts, diagnostics
 from fusion.teacher.output import OutputDir, Progress
 from fusion.teacher.rows import FUSED, TARGET
@@ -116,8 +115,14 @@ def finish(
     skipped: int,
     started: float,
     resolved: dict,
+    *,
+    target_vocab: str,
+    target_bos: int | None,
+    units: dict[str, dict] | None = None,
+    chunking: dict | None = None,
 ) -> PrepareSummary:
-    """Write the manifest of a data set whose parts are all committed; return its summary."""
+    """Write the manifest of a data set whose parts are all committed; return its summary.
+    ``units`` says per candidate when and from what its columns were computed."""
     rows = sum(p["rows"] for p in progress.parts)
     tokens = sum(p["tokens"] for p in progress.parts)
     column_bytes: dict[str, int] = {}
@@ -138,11 +143,14 @@ def finish(
         "rows": rows,
         "tokens": tokens,
         "top_k": config.align.top_k,
-        "target_vocab": vocab_fingerprint(model_tokenizer(config.target)),
-        "target_bos": training_bos(config),
+        "target_vocab": target_vocab,
+        "target_bos": target_bos,
         "candidates": candidates(config),
         "bytes_per_token": per_token,
         "diagnostics": diagnostics(counts),
+        "units": {name: unit["fingerprint"] for name, unit in (units or {}).items()} or None,
+        "provenance": units,
+        "chunking": chunking,
         "shards": [
             {"index": s.index, "name": s.name, "chunks": progress.shard_totals.get(s.index, 0)}
             for s in shards

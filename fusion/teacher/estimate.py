@@ -1,7 +1,8 @@
 """`fusion estimate`: disk, memory and rough time of a prepare run, before anything runs.
 
 Tokens come from the corpus size and the target tokenizer's tokens per byte on a sample;
-disk from the row contract's bytes per token (an upper bound: Parquet compresses); memory from
+disk from the row contract's bytes per token, for the stored chunks and units and the fused
+set (an upper bound: Parquet compresses); memory from
 the parameter counts in the safetensors or GGUF headers plus the logits of one chunk of
 positions (each model's own vocabulary); time from forward FLOPs (2 × parameters per token)
 at an assumed device throughput — a rough guide only.
@@ -175,8 +176,11 @@ def estimate(config: FusionConfig, *, gpu_bytes: int = 80 * 2**30) -> Estimate:
         sample_bytes += shard_bytes
     tokens = int(corpus_bytes * sample_tokens / max(sample_bytes, 1))
     k = config.align.top_k
-    distributions = len(config.sources) + int(config.target.as_teacher) + 1
-    per_token = 4 + 1.2 * (corpus_bytes / max(tokens, 1)) + distributions * 6 * k
+    candidates = len(config.sources) + int(config.target.as_teacher)
+    text = 4 + 1.2 * (corpus_bytes / max(tokens, 1))  # an id and the text's bytes per token
+    fused_set = text + (candidates + 1) * 6 * k  # every candidate's columns and the fused
+    units = text + 8 + candidates * 6 * k  # the stored chunks (with offsets) and each unit
+    per_token = fused_set + units
     models = []
     entries: list[tuple[str, ModelConfig, float, float, int, int]] = [
         (s.name, s, s.num_cpus, s.num_gpus, s.actors, s.batch_size) for s in config.sources

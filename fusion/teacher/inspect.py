@@ -8,6 +8,8 @@ position side by side: the target's token, each candidate's aligned top-3 and th
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,30 @@ def summary_lines(manifest: dict) -> list[str]:
         "bits/byte stored: each candidate's distribution as stored in target ids, where it "
         "has one; own: the same model in its own tokenization; kept: own / stored",
     ]
+    return lines + provenance_lines(manifest)
+
+
+def provenance_lines(manifest: dict) -> list[str]:
+    """Per candidate, when and from what its columns were computed (data sets prepared
+    with stored units; an older manifest has none to show)."""
+    provenance = manifest.get("provenance")
+    if not provenance:
+        return []
+    lines = ["", "columns computed from (each candidate is a unit of its own):"]
+    for name, unit in provenance.items():
+        settings = unit.get("settings") or {}
+        read = ", ".join(
+            f"{key} {settings[key]}" for key in ("dtype", "bos", "backend") if key in settings
+        )
+        align = settings.get("align") or {}
+        files = unit.get("files") or {}
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+        lines.append(
+            f"  {name}: {unit.get('model')} ({len(files)} files, sha256 {digest}); {read}; "
+            f"align {align.get('method')} top-{align.get('top_k')}; computed "
+            f"{unit.get('started')} – {unit.get('completed')}, {unit.get('rows')} rows; unit "
+            f"{unit.get('fingerprint')}"
+        )
     return lines
 
 

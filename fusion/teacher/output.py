@@ -105,8 +105,7 @@ class OutputDir:
             )
         elif overwrite:
             self.filesystem.delete_dir_contents(self.root)
-        for folder in (DATA, COMMITS):
-            self.filesystem.create_dir(self._file(folder), recursive=True)
+        self.ensure_folders()
         payload = {"fingerprint": fingerprint, "config": resolved}
         _write_atomically(self.filesystem, run_file, json.dumps(payload, indent=2).encode())
 
@@ -165,7 +164,7 @@ class OutputDir:
         sidecar = {
             "file": f"{DATA}/{name}.parquet",
             "rows": table.num_rows,
-            "tokens": int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py()),
+            "tokens": _tokens(table),
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "column_bytes": _column_bytes(collector[0]),
@@ -180,16 +179,43 @@ class OutputDir:
         )
         return sidecar
 
+    def ensure_folders(self) -> None:
+        """Create the folder with its ``data`` and ``commits`` (a store written part by part)."""
+        for folder in (DATA, COMMITS):
+            self.filesystem.create_dir(self._file(folder), recursive=True)
+
+    def write_json(self, name: str, payload: dict) -> None:
+        """Write ``name`` in the folder whole or not at all."""
+        _write_atomically(self.filesystem, self._file(name), json.dumps(payload, indent=2).encode())
+
+    def read_json(self, name: str) -> dict | None:
+        """``name`` in the folder, or None where there is none."""
+        path = self._file(name)
+        if self.filesystem.get_file_info(path).type != pafs.FileType.File:
+            return None
+        return json.loads(_read(self.filesystem, path))
+
+    def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """The Parquet file ``name`` of the folder (e.g. a part's ``data/part-….parquet``)."""
+        with self.filesystem.open_input_file(self._file(name)) as stream:
+            return pq.read_table(stream, columns=columns)
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` (a file or a folder) in the folder, if it is there."""
+        path = self._file(name)
+        kind = self.filesystem.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            self.filesystem.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            self.filesystem.delete_file(path)
+
     def write_manifest(self, manifest: dict) -> None:
         _write_atomically(
             self.filesystem, self._file(MANIFEST), json.dumps(manifest, indent=2).encode()
         )
 
     def manifest(self) -> dict | None:
-        path = self._file(MANIFEST)
-        if self.filesystem.get_file_info(path).type != pafs.FileType.File:
-            return None
-        return json.loads(_read(self.filesystem, path))
+        return self.read_json(MANIFEST)
 
 
 def join(folder: str, name: str) -> str:
@@ -206,6 +232,13 @@ def complete_manifest(folder: str | Path, error: type[FusionError], hint: str) -
     if manifest is None:
         raise error(f"{folder} holds no complete prepared data set (no {MANIFEST}): {hint}")
     return manifest
+
+
+def _tokens(table: pa.Table) -> int:
+    """Tokens of a part's rows (0 for a part of teacher columns only, which has no ids)."""
+    if "input_ids" not in table.column_names:
+        return 0
+    return int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py() or 0)
 
 
 def _column_bytes(metadata: pq.FileMetaData) -> dict[str, int]:

@@ -22,7 +22,7 @@ from fusion.data.chunking import encode
 from fusion.data.corpus import Shard
 from fusion.data.reader import object_array
 from fusion.errors import FusionError
-from fusion.models.loading import model_tokenizer, vocab_list
+from fusion.models.loading import model_tokenizer, vocab_fingerprint, vocab_list
 from fusion.teacher.contract import PrepareSummary, candidates, fingerprint, finish, summary_of
 from fusion.teacher.output import OutputDir, complete_manifest
 from fusion.teacher.rows import FUSED, schema, table_to_batch
@@ -112,4 +112,17 @@ def refuse(
         vocab_size = len(vocab_list(tokenizer))
         fused = fuse_batch(batch, names, config.fuse, config.align.mode, vocab_size)
         write_batch(fused, out.path, table_schema, config.align.top_k, names, vocab_size)
-    return finish(out, config, out.progress(), shards, 0, started, resolved)
+    provenance = manifest.get("provenance") or {}
+    return finish(
+        out,
+        config,
+        out.progress(),
+        shards,
+        0,
+        started,
+        resolved,
+        target_vocab=vocab_fingerprint(tokenizer),
+        target_bos=manifest.get("target_bos"),
+        units={name: provenance[name] for name in names if name in provenance} or None,
+        chunking=manifest.get("chunking"),
+    )
