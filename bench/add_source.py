@@ -6,11 +6,11 @@ add the third (only its model runs, then every chunk is fused again), and prepar
 from scratch; then the same with Gemma-3-270M (GGUF, 262k vocabulary) added as a fourth
 source. Each incremental data set is compared with its from-scratch one, column for column.
 
-    .venv/bin/python -m bench.add_source                  # experts, then Gemma as a fourth
-    .venv/bin/python -m bench.add_source --no-gemma
+    .venv/bin/python -m bench.add_source --part experts                  # whole corpus
+    .venv/bin/python -m bench.add_source --part gemma --documents 64     # first 64 documents
 
-Results go to bench/results/add_source.json; ``--out`` keeps the world (shared with
-`bench.multi_source`'s) and the prepared sets.
+Results go to bench/results/add_source-PART.json; ``--out`` keeps the world (shared with
+`bench.multi_source`'s), ``--sets`` the prepared sets.
 """
 
 from __future__ import annotations
@@ -53,43 +53,67 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/multi/demo"))
     parser.add_argument("--sets", type=Path, default=Path("runs/add-source"))
-    parser.add_argument("--no-gemma", action="store_true")
+    parser.add_argument("--part", choices=("experts", "gemma"), default="experts")
+    parser.add_argument(
+        "--documents",
+        type=int,
+        default=None,
+        help="prepare the first N documents of the world's corpus only (Gemma on two CPUs "
+        "reads about 3 s per chunk: the whole corpus takes ~50 min per prepare)",
+    )
     args = parser.parse_args()
     world, experts, _ = _world("demo", args.out)
     sources = {name: world.models[name] for name in experts}
-    if not args.no_gemma:
+    if args.part == "gemma":
         sources["gemma"] = _gemma(args.out.resolve())
-    shutil.rmtree(args.sets, ignore_errors=True)
-    sets = args.sets.resolve()
+    sets = (args.sets / args.part).resolve()
+    shutil.rmtree(sets, ignore_errors=True)
+    sets.mkdir(parents=True)
+    corpus = world.continual
+    if args.documents is not None:
+        lines = Path(world.continual).read_text(encoding="utf-8").splitlines(keepends=True)
+        corpus = sets / f"continual-{args.documents}.jsonl"
+        corpus.write_text("".join(lines[: args.documents]), encoding="utf-8")
 
     def config(names: list[str], folder: str) -> dict:
-        return prepare_config(world, {n: sources[n] for n in names}, sets, folder)
+        raw = prepare_config(world, {n: sources[n] for n in names}, sets, folder)
+        raw["data"]["paths"] = [str(corpus)]
+        return raw
 
     rows, figures = [], {}
-    steps = [(experts, "scratch-3")]
-    steps += [(experts[:2], "incremental"), (experts, "incremental")]
-    if not args.no_gemma:
-        steps += [([*experts, "gemma"], "scratch-4"), ([*experts, "gemma"], "incremental")]
+    first, added = (
+        (experts[:2], experts) if args.part == "experts" else (experts, [*experts, "gemma"])
+    )
+    steps = [(added, f"scratch-{len(added)}"), (first, "incremental"), (added, "incremental")]
     for names, folder in steps:
         print(f"prepare {folder} with {', '.join(names)}", flush=True)
         seconds, ran = _timed_prepare(config(names, folder))
         figures[f"{folder}:{len(names)}"] = {"seconds": round(seconds, 1), "ran": sorted(ran)}
-        if folder == "incremental" and len(names) > 2:
-            reference = sets / "teacher" / f"scratch-{len(names)}"
-            differ = _differences(sets / "teacher" / folder, reference)
-            from_scratch = figures[f"scratch-{len(names)}:{len(names)}"]["seconds"]
-            rows.append(
-                (
-                    f"add {names[-1]} to {', '.join(names[:-1])}",
-                    f"{seconds:.0f} s",
-                    f"{from_scratch:.0f} s",
-                    f"{from_scratch / seconds:.1f}×",
-                    ", ".join(sorted(ran)) or "none",
-                    "equal" if not differ else f"differ: {', '.join(differ)}",
-                )
-            )
+    teacher = sets / "teacher"
+    differ = _differences(teacher / "incremental", teacher / f"scratch-{len(added)}")
+    from_scratch = figures[f"scratch-{len(added)}:{len(added)}"]["seconds"]
+    added_seconds = figures[f"incremental:{len(added)}"]["seconds"]
+    rows.append(
+        (
+            f"add {added[-1]} to {', '.join(first)}",
+            f"{added_seconds:.0f} s",
+            f"{from_scratch:.0f} s",
+            f"{from_scratch / added_seconds:.1f}×",
+            ", ".join(figures[f"incremental:{len(added)}"]["ran"]) or "none",
+            "equal" if not differ else f"differ: {', '.join(differ)}",
+        )
+    )
+    chunks = pq.read_table(teacher / "incremental" / "data", columns=["input_ids"])
+    extra = {
+        "runs": figures,
+        "corpus": {
+            "documents": args.documents or "all",
+            "chunks": chunks.num_rows,
+            "tokens": sum(len(ids) for ids in chunks["input_ids"].to_pylist()),
+        },
+    }
     header = ("change", "incremental", "from scratch", "ratio", "models run", "vs scratch")
-    report("add_source", rows, {"runs": figures}, header=header)
+    report(f"add_source-{args.part}", rows, extra, header=header)
 
 
 if __name__ == "__main__":

@@ -232,18 +232,23 @@ def test_a_kill_while_an_added_source_runs_resumes_to_the_same_data(world, scrat
     _assert_same_data(out, scratch["abc"])
 
 
-def test_units_of_another_chunking_are_refused_naming_the_field(world, scratch, tmp_path):
-    out = tmp_path / "out"
+def test_a_unit_copied_in_is_used_and_one_of_another_chunking_is_refused(world, scratch, tmp_path):
+    out = tmp_path / "out"  # b's columns computed elsewhere, copied in beside a and c
     shutil.copytree(scratch["ac"], out)
-    other = tmp_path / "other"
-    shutil.copytree(scratch["abc"], other)
+    shutil.copytree(scratch["abc"] / "units" / "b", out / "units" / "b")
+    said = _prepare(_raw(world, out, "abc"))
+    assert _models_run(said) == set()
+    _assert_same_data(out, scratch["abc"])
+
+    other = tmp_path / "other"  # b copied in from a run that cut the corpus into 64 tokens
+    shutil.copytree(scratch["ac"], other)
+    shutil.copytree(scratch["abc"] / "units" / "b", other / "units" / "b")
     record = json.loads((other / "units" / "b" / "unit.json").read_text())
-    record["chunking"]["data.max_length"] = 64  # b copied in from a run that cut 64 tokens
+    record["chunking"]["data.max_length"] = 64
     (other / "units" / "b" / "unit.json").write_text(json.dumps(record))
-    shutil.copytree(other / "units" / "b", out / "units" / "b")
     with pytest.raises(
         OutputError,
-        match=r"units/b was computed on chunks cut another way "
-        r"\(data\.max_length: the stored chunks were cut with 64, this config gives 48\)",
+        match=r"units/b was computed on chunks cut another way \(data\.max_length: the "
+        r"stored chunks were cut with 64, this config gives 48\)",
     ):
-        _prepare(_raw(world, out, "abc"))
+        _prepare(_raw(world, other, "abc"))
