@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -218,11 +219,14 @@ def test_a_kill_while_an_added_source_runs_resumes_to_the_same_data(world, scrat
     process.wait()
     committed = {p.name for p in commits.glob("*.json")}
     total = len(pq.read_table(out / "chunks" / "data", columns=["id"]))
-    assert sum(json.loads((commits / n).read_text())["rows"] for n in committed) < total
+    done = sum(json.loads((commits / n).read_text())["rows"] for n in committed)
+    assert done < total
     kept = _snapshot(out / "units" / "b" / "data")
 
     said = _prepare(raw)
     assert _models_run(said) == {"b"}, (tmp_path / "killed.log").read_text()[-3000:]
+    written = [re.search(r": (\d+) rows · ", line) for line in said if "units/b/" in line]
+    assert sum(int(found[1]) for found in written) == total - done  # the rest, nothing again
     b_ids = pq.read_table(out / "units" / "b" / "data", columns=["id"])["id"].to_pylist()
     chunk_ids = pq.read_table(out / "chunks" / "data", columns=["id"])["id"].to_pylist()
     assert sorted(b_ids) == sorted(chunk_ids)  # every row once: none missing or repeated
