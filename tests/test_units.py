@@ -225,8 +225,13 @@ def test_a_kill_while_an_added_source_runs_resumes_to_the_same_data(world, scrat
 
     said = _prepare(raw)
     assert _models_run(said) == {"b"}, (tmp_path / "killed.log").read_text()[-3000:]
+    # a write task of the killed driver may still commit its part while Ray reaps it, so
+    # the resumed run may find more than was committed when the driver died, never less
+    resumed = [re.search(r"units/b: (\d+) rows committed by an earlier run", x) for x in said]
+    found = [int(match[1]) for match in resumed if match]
+    assert len(found) == 1 and done <= found[0] < total, said[:8]
     written = [re.search(r": (\d+) rows · ", line) for line in said if "units/b/" in line]
-    assert sum(int(found[1]) for found in written) == total - done  # the rest, nothing again
+    assert sum(int(m[1]) for m in written if m) == total - found[0]  # the rest, nothing again
     b_ids = pq.read_table(out / "units" / "b" / "data", columns=["id"])["id"].to_pylist()
     chunk_ids = pq.read_table(out / "chunks" / "data", columns=["id"])["id"].to_pylist()
     assert sorted(b_ids) == sorted(chunk_ids)  # every row once: none missing or repeated

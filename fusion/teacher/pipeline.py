@@ -433,6 +433,12 @@ class Pass:
             for part in sorted(chunks.parts, key=lambda p: p["file"])
             if any(not set(_part_ids(part)) <= done[name] for name in names)
         ]
+        for name in names:
+            if done[name]:
+                self.echo(
+                    f"{UNITS}/{name}: {len(done[name]):,} rows committed by an earlier run; "
+                    f"computing the other {len(_ids(chunks) - done[name]):,}"
+                )
         if files:
             ray = self.ray(names, len(files))
             dataset = ray.data.from_items(
