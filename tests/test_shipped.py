@@ -13,10 +13,10 @@ import yaml
 from typer.testing import CliRunner
 
 from fusion.cli import app
-from fusion.cluster import ClusterError, check_cluster
+from fusion.cluster import ClusterError, check_cluster, total, training_check, training_demand
 from fusion.config import load_config
 from fusion.teacher.pipeline import prepare
-from fusion.train.trainer import check_training_resources, train
+from fusion.train.trainer import train
 
 pytestmark = pytest.mark.slow
 
@@ -98,14 +98,14 @@ def _rayjob_maximum(job: dict) -> dict[str, float]:
 
 def test_the_cluster_files_can_grow_to_run_the_shipped_config_and_wait_for_it():
     config = load_config(SHIPPED)
-    workers = (config.train.num_workers * config.train.cpus_per_worker, config.train.num_workers)
+    workers = total([training_demand(config)])
     head_only = {"CPU": 32.0}  # what the launcher's cluster has before any GPU node starts
     for maximum in (_cluster_launcher_maximum(), _rayjob_maximum(_rayjob())):
         note = check_cluster(config, head_only, also=workers, maximum=maximum)
         assert note is not None and note.startswith("waiting for the autoscaler")
-        assert check_training_resources(config.train, head_only, maximum).startswith("waiting")
+        assert training_check(config, head_only, maximum).startswith("waiting")
     with pytest.raises(ClusterError, match="can grow to at most"):
-        check_cluster(config, head_only, also=(0, 1000), maximum=_cluster_launcher_maximum())
+        check_cluster(config, head_only, also={"GPU": 1000}, maximum=_cluster_launcher_maximum())
 
 
 def _rayjob() -> dict:

@@ -3,11 +3,19 @@ or GGUF file with its dtype, device resources and actor count."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fusion.config.base import NAME, Device, Dtype, Strict
+from fusion.config.base import (
+    NAME,
+    CustomResources,
+    Device,
+    Dtype,
+    Strict,
+    check_custom_resources,
+)
 
 
 class ModelConfig(Strict):
@@ -46,9 +54,63 @@ class ModelConfig(Strict):
     logits_budget_mb: Annotated[int, Field(ge=1)] = 256
     """Memory for the float32 logits of one chunk of positions: the output head runs over as
     many positions at a time as fit, so a batch's [B, L, V] logits never exist at once."""
+    resources: CustomResources = Field(default_factory=dict)
+    """Custom Ray resources each actor of this model takes, e.g. {a100_80g: 1}: its actors
+    run only on nodes that declare them (`ray start --resources`, a node type's
+    `resources`), so a 70B source goes to the big-GPU group and small ones elsewhere."""
+    accelerator_type: str | None = None
+    """Run this model's actors only on nodes with this accelerator (Ray's names: A100, H100,
+    L4, ...; `ray.util.accelerators`)."""
+
+    _custom_resources = field_validator("resources")(check_custom_resources)
 
 
-class SourceConfig(ModelConfig):
+def actor_range(data: object) -> object:
+    """``actors: "1-4"`` or ``{min: 1, max: 4}`` is a pool that grows from ``actors`` to
+    ``max_actors`` as nodes join (and shrinks when they go); a plain number is a fixed pool."""
+    if not isinstance(data, dict):
+        return data
+    value = data.get("actors")
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", value):
+        low, high = (int(part) for part in value.split("-"))
+    elif isinstance(value, dict) and set(value) == {"min", "max"}:
+        low, high = value["min"], value["max"]
+    else:
+        return data
+    if "max_actors" in data:
+        raise ValueError("give the pool's range once: actors: 'MIN-MAX' or max_actors, not both")
+    return data | {"actors": low, "max_actors": high}
+
+
+class ActorPool(Strict):
+    """How many Ray actors run a model: a fixed pool, or one that autoscales."""
+
+    actors: Annotated[int, Field(ge=1)] = 1
+    """Actors running this model; more actors, more throughput. 'MIN-MAX' (or {min, max})
+    is a pool that starts with MIN and grows to MAX as the cluster has room (Ray Data's
+    autoscaling actor pool), shrinking again when nodes go."""
+    max_actors: Annotated[int, Field(ge=1)] | None = None
+    """The autoscaling pool's largest size (set by actors: 'MIN-MAX'); none: a fixed pool."""
+
+    _actor_range = model_validator(mode="before")(actor_range)
+
+    @model_validator(mode="after")
+    def _range_ordered(self):
+        if self.max_actors is not None and self.max_actors < self.actors:
+            raise ValueError(
+                f"actors: the pool's largest size ({self.max_actors}) is below its smallest "
+                f"({self.actors})"
+            )
+        return self
+
+    def pool_sizes(self) -> dict[str, int]:
+        """Ray Data's ActorPoolStrategy arguments for this pool."""
+        if self.max_actors is None or self.max_actors == self.actors:
+            return {"size": self.actors}
+        return {"min_size": self.actors, "max_size": self.max_actors}
+
+
+class SourceConfig(ActorPool, ModelConfig):
     """One source ("blending") model and the Ray actors that run it."""
 
     name: str
@@ -59,8 +121,6 @@ class SourceConfig(ModelConfig):
     simulated_tokens_per_s: Annotated[float, Field(gt=0)] | None = None
     """backend 'simulated' only: the model speed it stands in for; each forward pass waits
     its tokens / this many seconds and returns valid top-k of the tokenizer's vocabulary."""
-    actors: Annotated[int, Field(ge=1)] = 1
-    """Actors in this source's pool; more actors, more throughput."""
     align_actors: Annotated[int, Field(ge=1)] | None = None
     """Actors aligning this source's top-k to the target (0.1 CPU each); default: one per
     model actor, so alignment keeps up as the model pool grows."""
@@ -107,13 +167,11 @@ class SourceConfig(ModelConfig):
         return value
 
 
-class TargetConfig(ModelConfig):
+class TargetConfig(ActorPool, ModelConfig):
     """The model being trained; its tokenizer defines the data set's token ids."""
 
     as_teacher: bool = True
     """Run the target as a teacher candidate too (the paper does)."""
-    actors: Annotated[int, Field(ge=1)] = 1
-    """Actors running the target as a teacher; more actors, more throughput."""
     num_cpus: Annotated[float, Field(ge=0)] = 1.0
     """CPUs reserved per target-teacher actor."""
     num_gpus: Annotated[float, Field(ge=0)] = 0.0

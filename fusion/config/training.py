@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fusion.config.base import Strict
+from fusion.config.base import CustomResources, Strict, check_custom_resources
 
 
 class TrainConfig(Strict):
@@ -39,6 +39,11 @@ class TrainConfig(Strict):
     """One GPU per worker (NCCL); CPU workers use gloo."""
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     """CPUs reserved per worker; fractions leave room for streamed pipeline actors."""
+    resources: CustomResources = Field(default_factory=dict)
+    """Custom Ray resources per worker, e.g. {trainer: 1}: workers run only on the nodes that
+    declare them (one per node when each node declares one)."""
+    accelerator_type: str | None = None
+    """Run the workers only on nodes with this accelerator (A100, H100, ...); use_gpu only."""
     cpu_threads: Annotated[int, Field(ge=1)] | None = None
     """Torch threads of a CPU worker (default: its whole CPUs, at least one); more threads
     than reserved CPUs let a worker use cores the reservation leaves to short data tasks."""
@@ -107,6 +112,17 @@ class TrainConfig(Strict):
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             raise ValueError(f"λ is a number between 0 and 1, or 'auto' (got {value!r})")
         return float(value)
+
+    _custom_resources = field_validator("resources")(check_custom_resources)
+
+    @model_validator(mode="after")
+    def _accelerator_needs_gpus(self) -> TrainConfig:
+        if self.accelerator_type is not None and not self.use_gpu:
+            raise ValueError(
+                f"train.accelerator_type ({self.accelerator_type}) places GPU workers: set "
+                "train.use_gpu: true, or drop it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

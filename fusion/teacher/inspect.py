@@ -96,6 +96,9 @@ def provenance_lines(manifest: dict) -> list[str]:
             f"{unit.get('started')} – {unit.get('completed')}, {unit.get('rows')} rows; unit "
             f"{unit.get('fingerprint')}"
         )
+        if nodes := unit.get("nodes"):
+            shown = ", ".join(node[:12] for node in nodes)
+            lines.append(f"    read on {len(nodes)} Ray node{'s' * (len(nodes) > 1)}: {shown}")
     return lines
 
 

@@ -148,6 +148,7 @@ class OutputDir:
         shard_totals: dict[int, int],
         *,
         teacher_counts: dict | None = None,
+        nodes: list[str] | None = None,
     ) -> dict:
         """Write one committed part (Parquet file, then its sidecar); return the sidecar."""
         ids = table.column("id").to_pylist()
@@ -172,6 +173,8 @@ class OutputDir:
             "shard_totals": {str(s): shard_totals[s] for s in sorted(set(shards))},
             "teacher_counts": teacher_counts or {},
         }
+        if nodes:
+            sidecar["nodes"] = nodes
         _write_atomically(
             self.filesystem,
             self._file(f"{COMMITS}/{name}.parquet.json"),

@@ -29,6 +29,7 @@ from fusion.cluster import (
     unused_gpus,
 )
 from fusion.config import FusionConfig
+from fusion.config.models import ModelConfig
 from fusion.data.corpus import CorpusError, Shard, plan_shards
 from fusion.data.reader import ChunkStage
 from fusion.errors import FusionError, user_error_from
@@ -176,9 +177,10 @@ def model_stages(dataset, plan: RunPlan, names: Sequence[str], shards: int | Non
                 "projection": projections.get(name),
             },
             batch_size=model.batch_size,
-            compute=pool(size=model.actors),
+            compute=pool(**model.pool_sizes()),
             num_cpus=model.num_cpus,
             num_gpus=model.num_gpus,
+            **placement_args(model),
         )
         if name in bridges:
             dataset = dataset.map_batches(
@@ -192,6 +194,16 @@ def model_stages(dataset, plan: RunPlan, names: Sequence[str], shards: int | Non
                 num_cpus=SMALL_CPU,
             )
     return dataset
+
+
+def placement_args(model: ModelConfig) -> dict:
+    """The Ray options that place a model's actors on the nodes its config names."""
+    args: dict = {}
+    if model.resources:
+        args["resources"] = dict(model.resources)
+    if model.accelerator_type is not None:
+        args["accelerator_type"] = model.accelerator_type
+    return args
 
 
 def chunk_dataset(
@@ -464,12 +476,19 @@ class Pass:
         every = _ids(chunks)
         for name in names:
             store = unit_store(out.path, name)
-            have = _ids(store.progress())
+            progress = store.progress()
+            have = _ids(progress)
             if lacking := every - have:
                 raise RuntimeError(
                     f"{name}: {len(lacking)} rows left without columns after the run"
                 )
-            records[name] |= {"status": "complete", "completed": now(), "rows": len(have)}
+            nodes = sorted({node for part in progress.parts for node in part.get("nodes", [])})
+            records[name] |= {
+                "status": "complete",
+                "completed": now(),
+                "rows": len(have),
+                "nodes": nodes,
+            }
             store.write_json(UNIT_FILE, store.read_json(UNIT_FILE) | records[name])
 
     def fuse(
@@ -522,7 +541,15 @@ class Pass:
         provenance = {
             name: {
                 key: units[name].get(key)
-                for key in ("fingerprint", "model", "started", "completed", "rows", "settings")
+                for key in (
+                    "fingerprint",
+                    "model",
+                    "started",
+                    "completed",
+                    "rows",
+                    "settings",
+                    "nodes",
+                )
             }
             | {"files": {n: e["sha256"] for n, e in units[name]["files"].items()}}
             for name in plan.candidates

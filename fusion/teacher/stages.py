@@ -59,6 +59,19 @@ def predicted_bytes(text: str, offsets: np.ndarray, bos_read: bool) -> int:
     return len(text[start : int(spans[-1][1])].encode("utf-8"))
 
 
+def node_column(name: str) -> str:
+    """The column naming the Ray node whose actor read candidate ``name`` (not stored in
+    the data set: each unit's commits record their nodes)."""
+    return f"node.{name}"
+
+
+def current_node() -> str:
+    """The id of the Ray node this process runs on ('' outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 class ForwardStage:
     """Runs one model over every chunk's text and keeps its top-k per position.
 
@@ -91,6 +104,7 @@ class ForwardStage:
             from fusion.teacher.backends.hf import HFTopK as backend
         read_bos = mode == "clean"  # the reference reads without BOS
         self.reader = backend(model, self.field, num_gpus=num_gpus, top_k=top_k, read_bos=read_bos)
+        self.node = current_node()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         row_ids = list(batch["id"])
@@ -103,6 +117,7 @@ class ForwardStage:
                 for text, ids, offs in zip(texts, batch["input_ids"], batch["offsets"], strict=True)
             ]
             sequences, offsets = [e[0] for e in encoded], [e[1] for e in encoded]
+        batch[node_column(self.name)] = np.full(len(row_ids), self.node, dtype=object)
         bos_read = self.reader.bos is not None
         batch[f"{self.name}.nll_bytes"] = np.asarray(
             [predicted_bytes(t, o, bos_read) for t, o in zip(texts, offsets, strict=True)],

@@ -17,7 +17,7 @@ from fusion.config import FuseConfig
 from fusion.data.reader import object_array
 from fusion.teacher.output import OutputError
 from fusion.teacher.rows import FUSED, schema, table_to_batch, to_table
-from fusion.teacher.stages import fuse_batch, write_batch
+from fusion.teacher.stages import fuse_batch, node_column, write_batch
 from fusion.teacher.units import ROUTING, chunk_schema, chunk_store, unit_schema, unit_store
 
 
@@ -107,7 +107,9 @@ def write_units(
         table = to_table(columns, table_schema, top_k)
         shards = [int(s) for s in columns["shard"]]
         totals = dict(zip(shards, (int(t) for t in columns["shard_total"]), strict=True))
-        sidecar = unit_store(root, name).write_part(table, shards, totals)
+        nodes = batch.get(node_column(name))
+        read_on = sorted({str(n) for n in nodes[rows]}) if nodes is not None else None
+        sidecar = unit_store(root, name).write_part(table, shards, totals, nodes=read_on)
         summaries.append(_summary(sidecar, _tokens(batch, rows), name))
     return _rows(summaries)
 

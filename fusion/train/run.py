@@ -20,7 +20,15 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from fusion.cluster import SMALL_CPU, check_cluster, cluster_maximum, ensure_ray, unused_gpus
+from fusion.cluster import (
+    SMALL_CPU,
+    check_cluster,
+    cluster_maximum,
+    ensure_ray,
+    total,
+    training_demand,
+    unused_gpus,
+)
 from fusion.config import ConfigError, FusionConfig
 from fusion.data.corpus import plan_shards
 from fusion.models.loading import check_models, training_bos
@@ -77,7 +85,7 @@ def run(config: FusionConfig, *, quiet: bool = False) -> TrainSummary:
     shards = plan_shards(config.data)
     ray = ensure_ray(config)
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
-    workers = (train.num_workers * train.cpus_per_worker, train.num_workers * train.use_gpu)
+    workers = total([training_demand(config)])
     maximum = cluster_maximum(config)
     if note := check_cluster(
         config, ray.cluster_resources(), also=workers, shards=len(shards), maximum=maximum

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fusion.cluster import cluster_maximum, ensure_ray, fits, unused_gpus
+from fusion.cluster import cluster_maximum, ensure_ray, training_check, unused_gpus
 from fusion.config import ConfigError, FusionConfig, TrainConfig
 from fusion.data.corpus import open_filesystem
 from fusion.errors import FusionError, user_error_from
@@ -152,7 +152,7 @@ def train(run: FusionConfig, *, quiet: bool = False) -> TrainSummary:
         train = train.model_copy(update={"lam": lam})
         run = run.model_copy(update={"train": train})
     ray = ensure_ray(run)
-    if note := check_training_resources(train, ray.cluster_resources(), cluster_maximum(run)):
+    if note := training_check(run, ray.cluster_resources(), cluster_maximum(run)):
         print(note, file=sys.stderr)
     if note := unused_gpus(run, ray.cluster_resources()):
         print(note, file=sys.stderr)
@@ -212,7 +212,9 @@ def fit(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
             resources_per_worker={"CPU": train.cpus_per_worker}
-            | ({"GPU": 1} if train.use_gpu else {}),
+            | ({"GPU": 1} if train.use_gpu else {})
+            | train.resources,
+            accelerator_type=train.accelerator_type,
         ),
         run_config=RunConfig(
             name=RUN_NAME,
@@ -241,19 +243,4 @@ def fit(
         steps=summary["steps"],
         tokens_seen=summary["tokens_seen"],
         final_loss=losses[-1][1] if losses else None,
-    )
-
-
-def check_training_resources(
-    train: TrainConfig, available: dict[str, float], maximum: dict[str, float] | None = None
-) -> str | None:
-    """Refuse workers that can never all be placed (Ray would wait for them forever); a note
-    when they fit only once an autoscaling cluster (``maximum``) has grown."""
-    return fits(
-        f"{train.num_workers} training workers",
-        train.num_workers * train.cpus_per_worker,
-        train.num_workers if train.use_gpu else 0,
-        available,
-        maximum,
-        "lower train.cpus_per_worker (fractions are allowed) or train.num_workers",
     )
