@@ -7,10 +7,15 @@ the CPU stages (chunking, alignment, fusion, writing) can no longer keep up. The
 
 1. target tokens/s for 1, 2 and 4 actors of one source, and for 1, 2 and 4 sources;
 2. the CPU cost per target token of every CPU stage, measured in this process on one core;
-3. from (2), the CPU cores a cluster needs per source GPU at a given model speed.
+3. from (2), the CPU cores a cluster needs per source GPU at a given model speed;
+4. with ``--nodes``: four sources on a Ray cluster of 1, 2 and 4 simulated nodes (separate
+   raylets on this machine, ``ray.cluster_utils.Cluster``), each source's actor placed on
+   its node by a custom resource: target tokens/s per source against one node, i.e. what
+   spreading the sources over nodes costs (object transfers between raylets, scheduling).
 
     .venv/bin/python -m bench.scale                       # 1,000 simulated tokens/s per actor
     .venv/bin/python -m bench.scale --gpu-tokens-per-s 20000
+    .venv/bin/python -m bench.scale --nodes               # the multi-node runs only
 """
 
 from __future__ import annotations
@@ -67,8 +72,19 @@ def build_world(root: Path, corpus_chars: int) -> None:
             stream.write(json.dumps({"text": held_out[i : i + 6000]}) + "\n")
 
 
-def config_for(root: Path, out: Path, *, sources: int, actors: int, speed: float):
-    return parse_config(
+def config_for(
+    root: Path,
+    out: Path,
+    *,
+    sources: int,
+    actors: int,
+    speed: float,
+    nodes: int = 0,
+    address: str | None = None,
+):
+    """The run on ``sources`` simulated sources; with ``nodes``, source i's actors go to
+    node ``i % nodes`` (its custom resource ``node-<n>``)."""
+    raw = parse_config(
         {
             "target": {"path": str(root / "target"), "as_teacher": False},
             "sources": [
@@ -90,8 +106,40 @@ def config_for(root: Path, out: Path, *, sources: int, actors: int, speed: float
             },
             "align": {"method": "offsets", "mode": "clean", "top_k": TOP_K, "map_cache": None},
             "output": {"dir": str(out), "rows_per_file": 16},
+            "ray": {"address": address},
         }
-    )
+    ).model_dump(mode="json")
+    for index, source in enumerate(raw["sources"]):
+        if nodes:
+            source["resources"] = {f"node-{index % nodes}": 1}
+    return parse_config(raw)
+
+
+def multinode(root: Path, speed: float) -> dict[str, float]:
+    """Target tokens/s of four sources spread over 1, 2 and 4 simulated nodes (a head for
+    the driver and the CPU stages, and N nodes that hold only the source actors)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    figures = {}
+    for nodes in (1, 2, 4):
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": os.cpu_count(), "include_dashboard": False},
+        )
+        for n in range(nodes):
+            cluster.add_node(num_cpus=0, resources={f"node-{n}": 4})
+        out = root / f"out-nodes-{nodes}"
+        config = config_for(
+            root, out, sources=4, actors=1, speed=speed, nodes=nodes, address=cluster.address
+        )
+        try:
+            figures[f"4 sources on {nodes} node{'s' * (nodes > 1)}"] = throughput(config)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            shutil.rmtree(out, ignore_errors=True)
+    return figures
 
 
 def throughput(config) -> float:
@@ -164,6 +212,7 @@ def main() -> None:
     parser.add_argument("--speed", type=float, default=1000.0, help="simulated tokens/s per actor")
     parser.add_argument("--corpus-chars", type=int, default=200_000)
     parser.add_argument("--gpu-tokens-per-s", type=float, default=20_000.0)
+    parser.add_argument("--nodes", action="store_true", help="the multi-node runs only")
     args = parser.parse_args()
 
     import ray
@@ -171,6 +220,16 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="fusion-scale-"))
     try:
         build_world(root, args.corpus_chars)
+        if args.nodes:
+            figures = multinode(root, args.speed)
+            base = figures["4 sources on 1 node"]
+            report(
+                "scale_nodes",
+                [(label, f"{rate:,.0f}", f"{rate / base:.2f}×") for label, rate in figures.items()],
+                {"speed_per_actor": args.speed, "target_tokens_per_s": figures},
+                header=("placement", "target tokens/s", "vs 1 node"),
+            )
+            return
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         rows, figures = [], {}
         for label, sources, actors in (

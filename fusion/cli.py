@@ -405,9 +405,25 @@ def estimate(
             f"AdamW state (ZeRO-{t.stage} over {t.workers} worker(s); activations not "
             "included: train.gradient_checkpointing shrinks those)"
         )
+    typer.echo(f"the cluster gives prepare: {_resources(result.prepare_demand)}")
+    if result.training_demand is not None:
+        typer.echo(f"the cluster gives training: {_resources(result.training_demand)}")
     typer.echo(
         f"rough wall time ≈ {result.seconds / 3600:.2f} h (the slowest stage; stages stream)"
     )
+
+
+def _resources(demand: dict[str, float]) -> str:
+    """Ray resources as a reader says them: CPUs, GPUs, then custom ones and accelerators."""
+    from fusion.cluster import ACCELERATOR
+
+    said = [f"{demand.get('CPU', 0):g} CPUs", f"{demand.get('GPU', 0):g} GPUs"]
+    for name, amount in sorted(demand.items()):
+        if name.startswith(ACCELERATOR):
+            said.append(f"nodes with accelerator {name.removeprefix(ACCELERATOR)}")
+        elif name not in ("CPU", "GPU"):
+            said.append(f"{amount:g} {name}")
+    return ", ".join(said)
 
 
 @app.command("train")

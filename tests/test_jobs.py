@@ -1,8 +1,9 @@
-"""`ray job submit` against a real local Ray head: the jobs/ entrypoints behave as the CLI.
+"""`ray job submit` against a real local Ray cluster of two nodes: the jobs/ entrypoints
+behave as the CLI, and a submitted run's actors go where their resources send them.
 
-The head runs on free ports with its own temp dir, started with ``ray start --block`` in its
-own process group and stopped by signalling that group (never ``ray stop``, which would stop
-every Ray process on the machine).
+The head and a worker node run on free ports with their own temp dir, each started with
+``ray start --block`` in its own process group and stopped by signalling that group (never
+``ray stop``, which would stop every Ray process on the machine).
 """
 
 from __future__ import annotations
@@ -33,30 +34,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _agent_ports() -> list[str]:
+    """Each node's own agent ports: another Ray on this machine may hold the defaults."""
+    return [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+    ]
+
+
 @pytest.fixture(scope="module")
 def job_head():
-    """A local Ray head with the job server; yields its dashboard address and environment."""
+    """A local Ray head with the job server (resource ``head``) and a worker node (resource
+    ``worker``); yields the dashboard address and environment."""
     temp = Path(tempfile.mkdtemp(prefix="fj", dir="/tmp"))  # short: Ray's socket paths are
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    dashboard = _free_port()
+    dashboard, port = _free_port(), _free_port()
     head = subprocess.Popen(
         [
             str(BIN / "ray"),
             "start",
             "--head",
             "--block",
-            f"--port={_free_port()}",
+            f"--port={port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             "--include-dashboard=true",
             f"--ray-client-server-port={_free_port()}",
-            # its own agent ports: another Ray on this machine may hold the defaults
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
+            *_agent_ports(),
             "--num-cpus=2",
+            '--resources={"head": 1}',
             f"--temp-dir={temp}",
             "--disable-usage-stats",
         ],
@@ -75,14 +84,45 @@ def job_head():
             assert head.poll() is None, "the Ray head exited while starting"
             assert time.monotonic() < deadline, "the Ray head's job server did not come up"
             time.sleep(0.5)
+    worker = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            f"--address=127.0.0.1:{port}",
+            "--block",
+            *_agent_ports(),
+            "--num-cpus=1",
+            '--resources={"worker": 1}',
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    while len(_alive_nodes(address)) < 2:
+        assert worker.poll() is None, "the worker node exited while starting"
+        assert time.monotonic() < deadline, "the worker node did not join the head"
+        time.sleep(0.5)
     yield address, env
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=5)  # a graceful stop idles ~30 s; the head's files go with it anyway
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+    for node in (worker, head):
+        os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(timeout=5)  # a graceful stop idles ~30 s; its files go with the head's
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def _alive_nodes(address: str) -> list:
+    from ray.util.state import list_nodes
+
+    try:
+        nodes = list_nodes(address=address, raise_on_missing_output=False)
+    except Exception:  # the state API answers once the head's dashboard has its nodes
+        return []
+    return [node for node in nodes if node.state == "ALIVE"]
 
 
 def _submit(address: str, env: dict, entrypoint: str, config: Path) -> subprocess.CompletedProcess:
@@ -155,14 +195,21 @@ def test_submitted_fusion_run_succeeds_and_exports_a_model_with_every_actor_work
 
     address, env = job_head
     before = _forward_actors(address)
-    two_actors = {"sources.actors": 2, "sources.batch_size": 1}
+    two_actors = {
+        "sources.actors": 2,
+        "sources.batch_size": 1,
+        "sources.resources": {"worker": 0.3},  # the source on the worker node
+        "target.resources": {"head": 0.3},  # the target on the head
+    }
     result = _submit(
         address, env, "run", _config(model_dirs, tmp_path, training_texts, **two_actors)
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout + result.stderr
-    used = _forward_actors(address) - before
+    used = {a: node for a, node in _forward_actors(address).items() if a not in before}
     assert len(used) == 3, used  # the target's actor and both of the source's
+    nodes = {node.node_id: node.resources_total for node in _alive_nodes(address)}
+    assert {"head" in nodes[node] for node in used.values()} == {True, False}, used
     export = tmp_path / "train" / "export"
     assert AutoModelForCausalLM.from_pretrained(export).config.vocab_size > 0
     assert (export / "README.md").is_file() and (export / "fusion-config.yaml").is_file()
@@ -188,8 +235,9 @@ def test_a_job_the_cluster_cannot_run_fails_fast_with_the_reason(
     assert time.monotonic() - started < 120
 
 
-def _forward_actors(address: str) -> set[str]:
-    """Ids of the actors that have finished ForwardStage batches on the cluster so far."""
+def _forward_actors(address: str) -> dict[str, str | None]:
+    """The actors that have finished ForwardStage batches on the cluster so far, with the
+    node each ran on (where the state API knows it)."""
     from ray.util.state import list_tasks
 
     tasks = list_tasks(
@@ -198,4 +246,8 @@ def _forward_actors(address: str) -> set[str]:
         limit=10_000,
         raise_on_missing_output=False,
     )
-    return {t.actor_id for t in tasks if t.actor_id and "ForwardStage" in (t.name or "")}
+    nodes: dict[str, str] = {}
+    for task in tasks:
+        if task.actor_id and "ForwardStage" in (task.name or ""):
+            nodes[task.actor_id] = task.node_id or nodes.get(task.actor_id)
+    return nodes

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cluster starts slowly here
@@ -197,3 +198,83 @@ def test_a_resource_no_node_has_is_refused_naming_it_and_who_asks(
     said = log.read_text()
     assert process.returncode != 0
     assert "source 'sim' asks for resource 'a100_80g', but no node of the cluster declares" in said
+
+
+def _train_raw(model_dirs: dict, corpus: str, data: Path, storage: Path, address: str) -> dict:
+    """Training on ``data`` with two DDP workers, one per node declaring ``trainer``."""
+    raw = _raw(model_dirs, corpus, data, address)
+    raw["train"] = {
+        "num_workers": 2,
+        "cpus_per_worker": 0.3,
+        "resources": {"trainer": 1},
+        "strategy": "ddp",
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "lr": 3e-3,
+        "warmup_ratio": 0.1,
+        "checkpoint_every": 2,
+        "max_steps": 10,
+        "max_failures": 1,
+        "storage_path": str(storage),
+    }
+    return raw
+
+
+def _train(raw: dict, folder: Path) -> tuple[subprocess.Popen, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.yaml").write_text(yaml.safe_dump(raw))
+    log = folder / "train.log"
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    command = [FUSION, "train", str(folder / "train.yaml"), "-q"]
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env), log
+
+
+def test_training_that_loses_a_workers_node_restores_its_checkpoint_on_a_new_one(
+    cluster, placed, model_dirs, corpus, tmp_path
+):
+    from tests.test_train import _registered_checkpoint, _weights
+
+    head, nodes = cluster
+    for name in ("trainer-1", "trainer-2"):
+        nodes[name] = head.add_node(num_cpus=1, resources={"trainer": 1})
+    whole = tmp_path / "uninterrupted"
+    _finish(*_train(_train_raw(model_dirs, corpus, placed, whole, head.address), whole))
+
+    storage = tmp_path / "interrupted"
+    process, log = _train(_train_raw(model_dirs, corpus, placed, storage, head.address), storage)
+    _wait_for(lambda: _registered_checkpoint(storage / "fusion-train"), process, log, "checkpoint")
+    head.remove_node(nodes.pop("trainer-2"), allow_graceful=False)  # a worker's node dies
+    assert not (storage / "export").exists()
+    nodes["trainer-3"] = head.add_node(num_cpus=1, resources={"trainer": 1})
+    _finish(process, log)
+    steps = [json.loads(line)["step"] for line in (storage / "metrics.jsonl").open()]
+    assert sorted(set(steps)) == list(range(1, 11))  # every step, some again after the restore
+    expected, got = _weights(whole / "export"), _weights(storage / "export")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_source_whose_last_node_is_lost_stops_naming_it_and_a_rerun_resumes(
+    cluster, placed, model_dirs, corpus, tmp_path
+):
+    head, nodes = cluster
+    (name,) = [n for n, node in nodes.items() if n.startswith("big")]  # the one node with big
+    raw = _raw(model_dirs, corpus, tmp_path / "out", head.address)
+    raw["sources"][0] |= {"simulated_tokens_per_s": 150, "batch_size": 2}
+    process, log = _start(raw, tmp_path / "killed")
+    commits = tmp_path / "out" / "units" / "sim" / "commits"
+    _wait_for(lambda: any(commits.glob("*.json")), process, log, "committed part of sim")
+    lost = nodes.pop(name)
+    head.remove_node(lost, allow_graceful=False)
+    process.wait(timeout=180)
+    said = log.read_text()
+    assert process.returncode == 2, said[-3000:]
+    assert f"source 'sim': the node its actors ran on ({lost.node_id}) is gone" in said
+    assert "no live node of the cluster can hold its actors (0.2 CPU, 0.5 big)" in said
+
+    nodes["big-3"] = head.add_node(num_cpus=1, resources={"big": 1})
+    process, log = _start(raw, tmp_path / "again")
+    said = _finish(process, log)
+    assert "rows committed by an earlier run" in said
+    _assert_same_rows(tmp_path / "out", placed)

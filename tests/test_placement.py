@@ -105,3 +105,91 @@ def test_a_cluster_with_gpus_that_the_config_leaves_idle_is_noted(gpu_config):
     assert note is not None and "8 GPUs but this config asks for none" in note
     assert unused_gpus(parse_config(cpu_only), {"CPU": 16.0}) is None
     assert unused_gpus(parse_config(gpu_config), {"CPU": 16.0, "GPU": 8.0}) is None
+
+
+def test_a_custom_resource_no_node_declares_is_refused_naming_it_and_who_asks(gpu_config):
+    from fusion.cluster import ClusterError, check_cluster
+    from fusion.config import parse_config
+
+    big = gpu_config["sources"][0] | {"num_gpus": 0, "resources": {"a100_80g": 1}, "actors": 2}
+    config = parse_config(gpu_config | {"sources": [big]})
+    with pytest.raises(
+        ClusterError,
+        match=r"^source 'big' asks for resource 'a100_80g', but no node of the cluster declares "
+        r"it; start nodes with `ray start --resources '\{\"a100_80g\": N\}'`",
+    ):
+        check_cluster(config, {"CPU": 64.0})
+    with pytest.raises(ClusterError, match=r"^source 'big' needs 2 of resource 'a100_80g' in all "):
+        check_cluster(config, {"CPU": 64.0, "a100_80g": 1.0})  # one node's worth, two actors
+    assert check_cluster(config, {"CPU": 64.0, "a100_80g": 2.0}) is None
+    note = check_cluster(config, {"CPU": 64.0}, maximum={"CPU": 64.0, "a100_80g": 4.0})
+    assert note.endswith("need 2 of resource 'a100_80g' (it has 0 now)")  # the autoscaler's
+    with pytest.raises(ClusterError, match="none of its autoscaler's node types does"):
+        check_cluster(config, {"CPU": 64.0}, maximum={"CPU": 64.0})
+
+
+def test_an_accelerator_type_is_a_label_every_actor_shares_and_is_refused_where_absent(
+    gpu_config,
+):
+    from fusion.cluster import ClusterError, check_cluster, cluster_demand
+    from fusion.config import parse_config
+
+    big = gpu_config["sources"][0] | {"num_gpus": 1, "accelerator_type": "A100", "actors": 3}
+    config = parse_config(gpu_config | {"sources": [big]})
+    demand = cluster_demand(config)
+    assert demand["GPU"] == 3 and demand["accelerator_type:A100"] == pytest.approx(0.003)
+    cluster = {"CPU": 16.0, "GPU": 8.0, "accelerator_type:A100": 1.0}  # Ray: 1 per node
+    assert check_cluster(config, cluster) is None
+    with pytest.raises(ClusterError, match=r"source 'big' asks for accelerator_type A100, but no"):
+        check_cluster(config, {"CPU": 16.0, "GPU": 8.0, "accelerator_type:H100": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("actors", "pool"),
+    [
+        (3, {"size": 3}),
+        ("1-4", {"min_size": 1, "max_size": 4}),
+        (" 2 - 6 ", {"min_size": 2, "max_size": 6}),
+        ({"min": 2, "max": 2}, {"size": 2}),
+    ],
+)
+def test_actors_give_a_fixed_pool_or_one_that_grows_with_the_cluster(actors, pool):
+    source = SourceConfig(name="s", path="m", actors=actors)
+    assert source.pool_sizes() == pool
+    assert source.actors == (pool.get("size") or pool["min_size"])  # what must start
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"actors": "4-1"}, r"largest size \(1\) is below its smallest \(4\)"),
+        ({"actors": "1-4", "max_actors": 6}, "give the pool's range once"),
+        ({"resources": {"GPU": 1}}, "'GPU' is not a custom resource: ask for CPUs and GPUs"),
+        ({"resources": {"big": 0}}, "greater than 0"),
+    ],
+)
+def test_a_pool_range_or_resource_that_cannot_work_is_refused(settings, message):
+    with pytest.raises(ValidationError, match=message):
+        SourceConfig(name="s", path="m", **settings)
+
+
+def test_estimate_says_what_the_cluster_gives_prepare_and_training(gpu_config, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from fusion.cli import app
+
+    big = gpu_config["sources"][0] | {"resources": {"a100_80g": 1}, "accelerator_type": "A100"}
+    train = {"num_workers": 2, "global_batch_size": 2, "micro_batch_size": 1, "use_gpu": True}
+    train |= {"resources": {"trainer": 1}}
+    (tmp_path / "run.yaml").write_text(
+        yaml.safe_dump(gpu_config | {"sources": [big], "train": train})
+    )
+    result = CliRunner().invoke(app, ["estimate", str(tmp_path / "run.yaml")])
+    assert result.exit_code == 0, result.output
+    # target 1 CPU + source 1 CPU + stages 0.1 × (2 + 1 reader + 1 aligner); GPUs: the source's 2
+    assert (
+        "the cluster gives prepare: 2.4 CPUs, 2 GPUs, 1 a100_80g, nodes with accelerator A100"
+        in result.output
+    )
+    assert "the cluster gives training: 2 CPUs, 2 GPUs, 2 trainer" in result.output

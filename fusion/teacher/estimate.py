@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from fusion.cluster import cluster_demand, total, training_demand
 from fusion.config import FusionConfig, ModelConfig
 from fusion.data.chunking import encode
 from fusion.data.corpus import Shard, compression_of, open_filesystem, plan_shards, read_documents
@@ -72,6 +73,10 @@ class Estimate:
     disk_bytes: int
     models: list[ModelEstimate]
     training: TrainingEstimate | None = None
+    prepare_demand: dict[str, float] | None = None
+    """Ray resources the prepare pipeline reserves (model actors and CPU stages)."""
+    training_demand: dict[str, float] | None = None
+    """Ray resources of the training workers."""
 
     @property
     def seconds(self) -> float:
@@ -204,7 +209,16 @@ def estimate(config: FusionConfig, *, gpu_bytes: int = 80 * 2**30) -> Estimate:
             )
         )
     training = training_memory(config) if config.train is not None else None
-    return Estimate(corpus_bytes, tokens, int(tokens * per_token), models, training)
+    workers = training_demand(config)
+    return Estimate(
+        corpus_bytes,
+        tokens,
+        int(tokens * per_token),
+        models,
+        training,
+        prepare_demand=cluster_demand(config, shards=len(shards)),
+        training_demand=total([workers]) if workers else None,
+    )
 
 
 def training_memory(config: FusionConfig) -> TrainingEstimate:

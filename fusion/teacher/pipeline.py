@@ -68,6 +68,7 @@ from fusion.teacher.units import (
     start_unit,
     unit_store,
 )
+from fusion.teacher.watch import NodeWatch, watched
 
 
 class PrepareError(FusionError):
@@ -378,6 +379,7 @@ class Pass:
     def __init__(self, plan: RunPlan, out: OutputDir, quiet: bool, echo):
         self.plan, self.out, self.quiet, self.echo = plan, out, quiet, echo
         self._ray = None
+        self._watch: NodeWatch | None = None
 
     def ray(self, names: Sequence[str], shards: int):
         """The Ray session, with a note where the cluster cannot hold what this pass asks."""
@@ -386,16 +388,22 @@ class Pass:
         ray.data.DataContext.get_current().enable_progress_bars = not self.quiet
         config = narrowed(self.plan.config, names)
         available = ray.cluster_resources()
-        if note := check_cluster(config, available, shards=shards, maximum=cluster_maximum(config)):
+        maximum = cluster_maximum(config)
+        if note := check_cluster(config, available, shards=shards, maximum=maximum):
             self.echo(note)
         if note := unused_gpus(config, available):
             self.echo(note)
+        # a fixed cluster that loses the only nodes a model fits on would wait forever
+        self._watch = NodeWatch(config, ray.nodes) if names and maximum is None else None
         return ray
 
     def _drain(self, dataset, counter: Callable[[dict], str]) -> None:
         """Run ``dataset`` to its end, a progress line per part written."""
+        rows = dataset.iter_rows()
+        if self._watch is not None:
+            rows = watched(rows, self._watch.check)
         try:
-            for part in dataset.iter_rows():
+            for part in rows:
                 line = counter(part)
                 if not self.quiet:
                     self.echo(line)
