@@ -224,6 +224,7 @@ def validate(
     config_file: Annotated[Path, typer.Argument(help="YAML run configuration.")],
 ) -> None:
     """Check a run configuration and its model folders; explain every problem by field."""
+    from fusion.cluster import check_placement
     from fusion.config import load_config
     from fusion.errors import FusionError
     from fusion.models.loading import check_models
@@ -231,6 +232,8 @@ def validate(
     try:
         config = load_config(config_file)
         check_models(config)
+        if note := check_placement(config):
+            typer.echo(note)
     except FusionError as error:
         raise _fail(error) from None
     names = ", ".join(s.name for s in config.sources)

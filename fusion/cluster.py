@@ -150,7 +150,7 @@ def _amount(resource: str, amount: float) -> str:
     return f"{amount:g} of resource {resource!r}"
 
 
-def _missing_resource(resource, need, available, maximum, askers) -> str:
+def _missing_resource(resource, need, available, maximum, askers, nowhere=None) -> str:
     """The refusal of a custom resource or accelerator type the cluster lacks."""
     asking = askers.get(resource, [])
     who = " and ".join(asking) or "the config"
@@ -172,7 +172,7 @@ def _missing_resource(resource, need, available, maximum, askers) -> str:
             f"{who} {need_} {need[resource]:g} of resource {resource!r} in all but the cluster "
             f"{grows} {most:g}; lower their actors or `resources`, or add nodes with it"
         )
-    where = "no node of the cluster declares it"
+    where = nowhere or "no node of the cluster declares it"
     if maximum is not None:
         where += " and none of its autoscaler's node types does"
     return (
@@ -218,6 +218,41 @@ def _askers(demands: list[tuple[str, int, Demand]]) -> dict[str, list[str]]:
             if resource not in ("CPU", "GPU"):
                 askers.setdefault(resource, []).append(who)
     return askers
+
+
+def check_placement(config: FusionConfig) -> str | None:
+    """`fusion validate`'s look at the cluster: with ``ray.address`` (or RAY_ADDRESS) set, the
+    whole demand against the cluster it names; without, a local Ray would be started, which
+    declares no custom resources, so a model or worker asking for one is refused."""
+    import os
+
+    if config.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray = ensure_ray(config)
+        workers = training_demand(config)
+        return check_cluster(
+            config,
+            ray.cluster_resources(),
+            also=total([workers]) if workers else None,
+            maximum=cluster_maximum(config),
+        )
+    demands = model_demands(config)
+    if workers := training_demand(config):
+        demands.append(workers)
+    custom = {
+        resource: amount
+        for resource, amount in total(demands).items()
+        if resource not in ("CPU", "GPU") and not resource.startswith(ACCELERATOR)
+    }
+    if custom:
+        resource = sorted(custom)[0]
+        local = (
+            "no ray.address is set and the local Ray a run starts declares no custom "
+            "resources; set ray.address to the cluster whose nodes declare it"
+        )
+        raise ClusterError(
+            _missing_resource(resource, custom, {}, None, _askers(demands), nowhere=local)
+        )
+    return None
 
 
 def training_check(

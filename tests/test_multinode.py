@@ -193,6 +193,17 @@ def test_a_resource_no_node_has_is_refused_naming_it_and_who_asks(
     head, _nodes = cluster
     raw = _raw(model_dirs, corpus, tmp_path / "out", head.address)
     raw["sources"][0]["resources"] = {"a100_80g": 1}
+    (tmp_path / "validate.yaml").write_text(yaml.safe_dump(raw))
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    checked = subprocess.run(
+        [FUSION, "validate", str(tmp_path / "validate.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert "source 'sim' asks for resource 'a100_80g', but no node of the" in checked.stderr
     process, log = _start(raw, tmp_path)
     process.wait(timeout=120)
     said = log.read_text()

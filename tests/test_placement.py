@@ -193,3 +193,25 @@ def test_estimate_says_what_the_cluster_gives_prepare_and_training(gpu_config, t
         in result.output
     )
     assert "the cluster gives training: 2 CPUs, 2 GPUs, 2 trainer" in result.output
+
+
+def test_validate_without_a_cluster_refuses_a_custom_resource_a_local_ray_never_has(
+    gpu_config, tmp_path, monkeypatch
+):
+    import yaml
+    from typer.testing import CliRunner
+
+    from fusion.cli import app
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = tmp_path / "run.yaml"
+    big = gpu_config["sources"][0] | {"num_gpus": 0, "resources": {"a100_80g": 1}}
+    path.write_text(yaml.safe_dump(gpu_config | {"sources": [big]}))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert (
+        "source 'big' asks for resource 'a100_80g', but no ray.address is set and the local Ray"
+        in result.output
+    )
+    path.write_text(yaml.safe_dump(gpu_config | {"sources": [big | {"resources": {}}]}))
+    assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0
