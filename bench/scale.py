@@ -143,13 +143,16 @@ def multinode(root: Path, speed: float) -> dict[str, float]:
 
 
 def throughput(config) -> float:
-    """Target tokens/s between the first and the last part written (start-up excluded)."""
-    marks: list[tuple[float, int]] = []  # (when, tokens written so far by this run)
+    """Target tokens/s of the pass that runs the models, between its first and its last part
+    written (start-up excluded). Each source's unit counts the chunk's target tokens once, so
+    the pass's tokens are divided by the number of units."""
+    marks: list[tuple[float, int]] = []  # (when, tokens written so far by this pass)
+    units = len(config.sources) + int(config.target.as_teacher)
 
     def note(line: str) -> None:
-        if line.startswith("wrote "):
+        if line.startswith("wrote units/"):
             total = line.split(" rows, ")[1].split(" tokens")[0]
-            marks.append((time.perf_counter(), int(total.replace(",", ""))))
+            marks.append((time.perf_counter(), int(total.replace(",", "")) // units))
 
     prepare(config, quiet=False, echo=note)
     (first_time, first_tokens), (last_time, last_tokens) = marks[0], marks[-1]

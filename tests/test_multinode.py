@@ -95,12 +95,18 @@ def _start(raw: dict, folder: Path) -> tuple[subprocess.Popen, Path]:
     return process, log
 
 
-def _finish(process: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+def _ended(process: subprocess.Popen, timeout: float, log: Path) -> None:
+    """Wait for ``process``; one still running after ``timeout`` is killed (and fails)."""
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+        pytest.fail(f"still running after {timeout:g} s:\n{log.read_text()[-3000:]}")
+
+
+def _finish(process: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    _ended(process, timeout, log)
     said = log.read_text()
     assert process.returncode == 0, said[-4000:]
     return said
@@ -205,7 +211,7 @@ def test_a_resource_no_node_has_is_refused_naming_it_and_who_asks(
     assert checked.returncode == 2, checked.stdout + checked.stderr
     assert "source 'sim' asks for resource 'a100_80g', but no node of the" in checked.stderr
     process, log = _start(raw, tmp_path)
-    process.wait(timeout=120)
+    _ended(process, 120, log)
     said = log.read_text()
     assert process.returncode != 0
     assert "source 'sim' asks for resource 'a100_80g', but no node of the cluster declares" in said
@@ -278,7 +284,7 @@ def test_a_source_whose_last_node_is_lost_stops_naming_it_and_a_rerun_resumes(
     _wait_for(lambda: any(commits.glob("*.json")), process, log, "committed part of sim")
     lost = nodes.pop(name)
     head.remove_node(lost, allow_graceful=False)
-    process.wait(timeout=180)
+    _ended(process, 180, log)
     said = log.read_text()
     assert process.returncode == 2, said[-3000:]
     assert f"source 'sim': the node its actors ran on ({lost.node_id}) is gone" in said
