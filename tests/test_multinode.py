@@ -79,18 +79,25 @@ def _raw(model_dirs: dict, corpus: str, out: Path, address: str) -> dict:
     }
 
 
-def _start(raw: dict, folder: Path) -> tuple[subprocess.Popen, Path]:
-    """`fusion prepare` on the cluster, in its own process; its output goes to a log."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "run.yaml").write_text(yaml.safe_dump(raw))
-    log = folder / "prepare.log"
+def _env() -> dict[str, str]:
+    """A `fusion` process's environment: it joins the cluster its config's ray.address names."""
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _start(
+    raw: dict, folder: Path, command: str = "prepare", *options: str
+) -> tuple[subprocess.Popen, Path]:
+    """`fusion COMMAND` on the cluster, in its own process; its output goes to a log."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{command}.yaml").write_text(yaml.safe_dump(raw))
+    log = folder / f"{command}.log"
     process = subprocess.Popen(
-        [FUSION, "prepare", str(folder / "run.yaml")],
+        [FUSION, command, str(folder / f"{command}.yaml"), *options],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-        env=env,
+        env=_env(),
     )
     return process, log
 
@@ -200,12 +207,11 @@ def test_a_resource_no_node_has_is_refused_naming_it_and_who_asks(
     raw = _raw(model_dirs, corpus, tmp_path / "out", head.address)
     raw["sources"][0]["resources"] = {"a100_80g": 1}
     (tmp_path / "validate.yaml").write_text(yaml.safe_dump(raw))
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     checked = subprocess.run(
         [FUSION, "validate", str(tmp_path / "validate.yaml")],
         capture_output=True,
         text=True,
-        env=env,
+        env=_env(),
         timeout=120,
     )
     assert checked.returncode == 2, checked.stdout + checked.stderr
@@ -237,16 +243,6 @@ def _train_raw(model_dirs: dict, corpus: str, data: Path, storage: Path, address
     return raw
 
 
-def _train(raw: dict, folder: Path) -> tuple[subprocess.Popen, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.yaml").write_text(yaml.safe_dump(raw))
-    log = folder / "train.log"
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    command = [FUSION, "train", str(folder / "train.yaml"), "-q"]
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env), log
-
-
 def test_training_that_loses_a_workers_node_restores_its_checkpoint_on_a_new_one(
     cluster, placed, model_dirs, corpus, tmp_path
 ):
@@ -256,10 +252,12 @@ def test_training_that_loses_a_workers_node_restores_its_checkpoint_on_a_new_one
     for name in ("trainer-1", "trainer-2"):
         nodes[name] = head.add_node(num_cpus=1, resources={"trainer": 1})
     whole = tmp_path / "uninterrupted"
-    _finish(*_train(_train_raw(model_dirs, corpus, placed, whole, head.address), whole))
+    raw = _train_raw(model_dirs, corpus, placed, whole, head.address)
+    _finish(*_start(raw, whole, "train", "-q"))
 
     storage = tmp_path / "interrupted"
-    process, log = _train(_train_raw(model_dirs, corpus, placed, storage, head.address), storage)
+    raw = _train_raw(model_dirs, corpus, placed, storage, head.address)
+    process, log = _start(raw, storage, "train", "-q")
     _wait_for(lambda: _registered_checkpoint(storage / "fusion-train"), process, log, "checkpoint")
     head.remove_node(nodes.pop("trainer-2"), allow_graceful=False)  # a worker's node dies
     assert not (storage / "export").exists()
